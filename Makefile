@@ -1,0 +1,45 @@
+# Keyroute: `make run` serves the site, `make test` runs the whole suite.
+# Both set everything up first; `make setup` alone does the installs.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup run test lint migrations clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Written once: a fresh SECRET_KEY and encryption key for this machine. Never committed.
+.env: | setup
+	$(PY) -c 'import secrets; from cryptography.fernet import Fernet; \
+	print("# Written by make run for local development; never commit it."); \
+	print("DEBUG=true"); \
+	print("SECRET_KEY=" + secrets.token_urlsafe(50)); \
+	print("CREDENTIALS_ENCRYPTION_KEYS=" + Fernet.generate_key().decode())' > $@
+	@echo "Wrote .env with a new SECRET_KEY and CREDENTIALS_ENCRYPTION_KEYS: back it up."
+
+run: setup .env
+	$(PY) manage.py migrate --no-input
+	$(PY) manage.py ensure_admin
+	$(PY) manage.py runserver $(HOST):$(PORT)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy .
+
+migrations: setup
+	$(PY) manage.py makemigrations --check --dry-run
+
+clean:
+	rm -rf $(VENV) staticfiles

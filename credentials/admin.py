@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.utils.html import format_html
+from django.views.decorators.debug import sensitive_post_parameters
+
+from credentials.models import APIKeyCredentials
+
+sensitive_key = method_decorator(sensitive_post_parameters("api_key"))
+
+
+def effective_base_url(credential: APIKeyCredentials) -> tuple[str, str]:
+    """Where chat and code calls of this credential go, and why."""
+    if credential.base_url:
+        return credential.base_url, "credential"
+    return settings.OPENAI_BASE_URL, "global default OPENAI_BASE_URL"
+
+
+class CredentialForm(forms.ModelForm[APIKeyCredentials]):
+    class Meta:
+        model = APIKeyCredentials
+        fields = [
+            "title",
+            "provider",
+            "owner",
+            "is_active",
+            "expires_at",
+            "api_key",
+            "base_url",
+            "fallback",
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "api_key" in self.fields:
+            field = self.fields["api_key"]
+            field.required = self.instance._state.adding
+            if not field.required:
+                field.help_text = (
+                    f"Stored, ending in …{self.instance.key_hint or '?'}. Leave blank to keep it; "
+                    "enter it again when you change the base URL."
+                )
+        if "fallback" in self.fields and self.instance.pk:
+            fallback: Any = self.fields["fallback"]
+            fallback.queryset = fallback.queryset.exclude(pk=self.instance.pk)
+
+
+class OwnershipFilter(admin.SimpleListFilter):
+    title = "ownership"
+    parameter_name = "ownership"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("shared", "Shared"), ("owned", "Owned by a user")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "shared":
+            return queryset.filter(owner__isnull=True)
+        if self.value() == "owned":
+            return queryset.filter(owner__isnull=False)
+        return queryset
+
+
+class ExpiryFilter(admin.SimpleListFilter):
+    title = "expiry"
+    parameter_name = "expired"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Expired"), ("no", "Not expired")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        expired = Q(expires_at__lte=timezone.now())
+        if self.value() == "yes":
+            return queryset.filter(expired)
+        if self.value() == "no":
+            return queryset.exclude(expired)
+        return queryset
+
+
+@admin.register(APIKeyCredentials)
+class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
+    form = CredentialForm
+    list_display = [
+        "title",
+        "owner_display",
+        "provider",
+        "base_url_display",
+        "key_display",
+        "is_active",
+        "expires_at",
+        "last_used_at",
+    ]
+    list_filter = ["provider", "is_active", OwnershipFilter, ExpiryFilter]
+    search_fields = ["title", "owner__username", "base_url"]
+    list_select_related = ["owner"]
+    autocomplete_fields = ["owner"]
+    actions = ["activate", "deactivate"]
+    readonly_fields = ["effective_route", "key_display", "created_at", "updated_at", "last_used_at"]
+    fieldsets = [
+        (None, {"fields": ["title", "provider", "owner", "is_active", "expires_at"]}),
+        ("Route", {"fields": ["api_key", "base_url", "effective_route", "fallback"]}),
+        ("History", {"fields": ["key_display", "created_at", "updated_at", "last_used_at"]}),
+    ]
+
+    @admin.display(description="owner", ordering="owner__username")
+    def owner_display(self, obj: APIKeyCredentials) -> str:
+        return str(obj.owner) if obj.owner_id else "shared"
+
+    @admin.display(description="base URL")
+    def base_url_display(self, obj: APIKeyCredentials) -> str:
+        url, source = effective_base_url(obj)
+        return format_html('{}<br><small class="quiet">{}</small>', url, source)
+
+    @admin.display(description="key")
+    def key_display(self, obj: APIKeyCredentials) -> str:
+        return f"…{obj.key_hint}" if obj.key_hint else "…"
+
+    @admin.display(description="effective route")
+    def effective_route(self, obj: APIKeyCredentials) -> str:
+        if obj.base_url:
+            return f"Every purpose: {obj.base_url} (credential) with this credential's key."
+        public, internal = settings.OPENAI_BASE_URL, settings.OPENAI_INTERNAL_BASE_URL
+        if public == internal:
+            return (
+                f"Every purpose: {public} (global default OPENAI_BASE_URL) "
+                "with this credential's key."
+            )
+        return (
+            f"Chat and code: {public} (global default OPENAI_BASE_URL); embeddings: "
+            f"{internal} (global default OPENAI_INTERNAL_BASE_URL); with this credential's key."
+        )
+
+    @admin.action(description="Activate selected credentials")
+    def activate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
+        count = queryset.update(is_active=True)
+        self.message_user(request, f"{count} credential(s) activated.", messages.SUCCESS)
+
+    @admin.action(description="Deactivate selected credentials")
+    def deactivate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
+        count = queryset.update(is_active=False)
+        self.message_user(request, f"{count} credential(s) deactivated.", messages.SUCCESS)
+
+    def lookup_allowed(self, lookup: str, value: str, request: Any = None) -> bool:
+        if lookup.split("__")[0] in {"api_key", "key_hint"}:
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+    @sensitive_key
+    def add_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        return super().add_view(request, *args, **kwargs)
+
+    @sensitive_key
+    def change_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        return super().change_view(request, *args, **kwargs)

@@ -1,0 +1,159 @@
+"""Model fields for credentials: an encrypted API key and a policed base URL."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from django import forms
+from django.core.exceptions import FieldError
+from django.db import models
+from django.db.models.query_utils import DeferredAttribute
+
+from credentials import crypto
+from credentials.policy import normalize_base_url, validate_base_url
+from credentials.secret import Secret, hint_for
+
+
+class EncryptedSecret(Secret):
+    """A key as stored: a Fernet token, decrypted only when the plaintext is asked for.
+
+    Loading a row decrypts nothing, so list pages and bulk reads cost no cryptography.
+    Pickling keeps the token only.
+    """
+
+    __slots__ = ("_owner", "_plaintext", "token")
+
+    def __init__(self, token: str, *, plaintext: str | None = None) -> None:
+        self.token = token
+        self._plaintext = plaintext
+        self._owner: weakref.ref[models.Model] | None = None
+
+    def bind(self, owner: models.Model) -> None:
+        self._owner = weakref.ref(owner)
+
+    def describe_owner(self) -> str:
+        owner = self._owner() if self._owner else None
+        if owner is None:
+            return "A stored API key"
+        return f"The API key of credential {str(owner)!r} (id {owner.pk})"
+
+    def get_secret_value(self) -> str:
+        if self._plaintext is None:
+            self._plaintext = crypto.decrypt(self.token, what=self.describe_owner())
+        return self._plaintext
+
+    def __bool__(self) -> bool:
+        return bool(self.token)
+
+    def __reduce__(self) -> Any:
+        return (EncryptedSecret, (self.token,))
+
+
+class EncryptedKeyDescriptor(DeferredAttribute):
+    """Turns an assigned plain string into a Secret and keeps the key hint in step."""
+
+    field: EncryptedKeyField
+
+    def __set__(self, instance: models.Model, value: object) -> None:
+        if isinstance(value, str):
+            value = Secret(value)
+        if isinstance(value, EncryptedSecret):
+            value.bind(instance)
+        elif isinstance(value, Secret) and self.field.hint_field:
+            instance.__dict__[self.field.hint_field] = hint_for(value.get_secret_value())
+        instance.__dict__[self.field.attname] = value
+
+
+class APIKeyFormField(forms.CharField):
+    """A password box that never renders the stored key; blank means unchanged."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("max_length", None)
+        kwargs["widget"] = forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"})
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        return None if isinstance(value, Secret) else value
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        return bool(data)
+
+
+class EncryptedKeyField(models.TextField[str | Secret, Secret]):
+    """Stores only a Fernet token; reads back an EncryptedSecret.
+
+    Assign a plain string (or a Secret) to set a new key; it is encrypted on save.
+    Lookups are refused: the ciphertext is randomised, so comparing it means nothing.
+    """
+
+    descriptor_class = EncryptedKeyDescriptor
+
+    def __init__(self, *args: Any, hint_field: str | None = None, **kwargs: Any) -> None:
+        self.hint_field = hint_field
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> Any:
+        name, path, args, kwargs = super().deconstruct()
+        if self.hint_field:
+            kwargs["hint_field"] = self.hint_field
+        return name, path, args, kwargs
+
+    def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Secret | None:
+        return None if value is None else EncryptedSecret(value)
+
+    def to_python(self, value: Any) -> Any:
+        # A bare string reaching to_python comes from a fixture or a serializer: a token.
+        if isinstance(value, str):
+            return EncryptedSecret(value)
+        return value
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> Any:
+        value = getattr(model_instance, self.attname)
+        if isinstance(value, Secret) and not isinstance(value, EncryptedSecret):
+            plaintext = value.get_secret_value()
+            value = EncryptedSecret(crypto.encrypt(plaintext), plaintext=plaintext)
+            setattr(model_instance, self.attname, value)
+        return value
+
+    def get_prep_value(self, value: Any) -> Any:
+        if isinstance(value, EncryptedSecret):
+            return value.token
+        if isinstance(value, Secret):
+            return crypto.encrypt(value.get_secret_value())
+        if isinstance(value, str):
+            return crypto.encrypt(value)
+        return value
+
+    def value_to_string(self, obj: models.Model) -> str:
+        value = self.value_from_object(obj)
+        return str(self.get_prep_value(value) or "")
+
+    def get_lookup(self, lookup_name: str) -> Any:
+        if lookup_name == "isnull":
+            return super().get_lookup(lookup_name)
+        raise FieldError(
+            f"{self.name} cannot be queried ({lookup_name!r}): it is encrypted with a random "
+            "nonce, so equal keys never compare equal in the database."
+        )
+
+    def get_transform(self, lookup_name: str) -> Any:
+        return self.get_lookup(lookup_name)
+
+    def formfield(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        return super().formfield(**{"form_class": APIKeyFormField, **kwargs})
+
+    def save_form_data(self, instance: models.Model, data: Any) -> None:
+        # A blank key field on an edit form keeps the stored key.
+        if data:
+            setattr(instance, self.name, data)
+
+
+class BaseURLField(models.CharField[str, str]):
+    """A base URL under the credentials' policy, normalised (no trailing slash)."""
+
+    default_validators = [validate_base_url]
+
+    def to_python(self, value: Any) -> Any:
+        value = super().to_python(value)
+        return normalize_base_url(value) if isinstance(value, str) else value

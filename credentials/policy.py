@@ -1,0 +1,180 @@
+"""Which base URLs an API key may be sent to.
+
+One policy for the model, the admin, the system checks and (later) the client builder:
+
+- http or https only; no user-info, query or fragment; no white space, control
+  characters, backslashes or percent-encoding in the host;
+- link-local and cloud-metadata addresses are always refused, in every spelling
+  (dotted, integer, hex, octal, IPv4-mapped/compatible and NAT64 IPv6, trailing dot);
+- loopback and private hosts are allowed (the proxy usually lives there), unless the
+  site sets LLM_ALLOWED_BASE_URL_HOSTS and the host is not on it.
+
+Host names are not resolved here: validation must not depend on DNS. The client
+builder checks again when it connects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+METADATA_HOSTS = frozenset(
+    {
+        "metadata.google.internal",
+        "metadata.goog",
+        "metadata",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+METADATA_ADDRESSES = frozenset(
+    {
+        ipaddress.ip_address("fd00:ec2::254"),  # AWS IMDS over IPv6
+        ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+        ipaddress.ip_address("192.0.0.192"),  # Oracle Cloud
+    }
+)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+REFUSED_ADDRESS = (
+    "Link-local and cloud-metadata addresses are never allowed: they would hand the "
+    "server's own cloud credentials to whoever controls the request."
+)
+
+
+def normalize_base_url(value: str) -> str:
+    """Surrounding white space and trailing slashes stripped; `/v1` never added or removed."""
+    return value.strip().rstrip("/")
+
+
+def parse_legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The address `host` means to inet_aton(3): 1-4 parts, each decimal, 0x-hex or 0-octal.
+
+    `2852039166`, `0xa9fea9fe`, `0251.0376.0251.0376` and `169.254.43518` all mean
+    169.254.169.254 to the C library, so they must be judged as that address.
+    """
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    numbers = []
+    for part in parts:
+        try:
+            if part.lower().startswith("0x"):
+                numbers.append(int(part[2:], 16) if part[2:] else 0)
+            elif len(part) > 1 and part.startswith("0"):
+                numbers.append(int(part, 8))
+            elif part.isdigit():
+                numbers.append(int(part))
+            else:
+                return None
+        except ValueError:
+            return None
+    *leading, last = numbers
+    if any(n > 255 for n in leading) or last >= 256 ** (5 - len(numbers)):
+        return None
+    value = last
+    for index, number in enumerate(leading):
+        value |= number << (8 * (3 - index))
+    return ipaddress.IPv4Address(value)
+
+
+def parse_ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return parse_legacy_ipv4(host)
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible or NAT64), if any."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped:
+        return address.ipv4_mapped
+    if address in NAT64 or int(address) >> 32 == 0:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def address_problem(address: IPAddress) -> str | None:
+    for candidate in (address, embedded_ipv4(address)):
+        if candidate is None:
+            continue
+        if candidate.is_link_local or candidate in METADATA_ADDRESSES:
+            return REFUSED_ADDRESS
+        if candidate.is_unspecified:
+            return (
+                "0.0.0.0 and :: are addresses a server listens on, not ones to connect to: "
+                "use 127.0.0.1 or the proxy's host name."
+            )
+        if candidate.is_multicast:
+            return "A multicast address cannot be a proxy's address."
+    return None
+
+
+def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
+    """`host` is on the list, exactly or below an entry that starts with a dot."""
+    return any(
+        host == entry or (entry.startswith(".") and (host.endswith(entry) or host == entry[1:]))
+        for entry in allowed_hosts
+    )
+
+
+def base_url_problem(value: str, *, allowed_hosts: Sequence[str] = ()) -> str | None:
+    """Why `value` may not carry an API key, as a sentence; None when it may."""
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F or ch.isspace() for ch in value):
+        return "The URL contains white space or control characters."
+    if "\\" in value:
+        return "The URL contains a backslash."
+    if not value.isascii():
+        return "The URL contains non-ASCII characters: write the host in its xn-- (punycode) form."
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return "The URL is malformed (check the host and the port)."
+    if parts.scheme.lower() not in {"http", "https"}:
+        return "The URL must start with http:// or https://."
+    if "@" in parts.netloc:
+        return (
+            "The URL must not contain a user name or password: the API key goes in its own field."
+        )
+    if "?" in value or "#" in value:
+        return "The URL must not contain a query (?...) or a fragment (#...)."
+    if port == 0:
+        return "The URL's port must be between 1 and 65535."
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        return "The URL has no host name."
+    if "%" in host:
+        return "The host must not be percent-encoded or carry an IPv6 zone."
+    address = parse_ip(host)
+    if address is not None:
+        problem = address_problem(address)
+        if problem:
+            return problem
+        host = str(address)
+    elif host in METADATA_HOSTS:
+        return REFUSED_ADDRESS
+    elif len(host) > 253 or not all(LABEL.match(label) for label in host.split(".")):
+        return "The host name is not valid (letters, digits, '-' and '_' between dots)."
+    if allowed_hosts and not host_allowed(host, allowed_hosts):
+        return (
+            f"The host {host} is not in LLM_ALLOWED_BASE_URL_HOSTS. Use one of: "
+            f"{', '.join(allowed_hosts)}, or ask the site's operator to add it."
+        )
+    return None
+
+
+def validate_base_url(value: str) -> None:
+    """Django validator applying the policy with the site's allow-list."""
+    problem = base_url_problem(value, allowed_hosts=settings.LLM_ALLOWED_BASE_URL_HOSTS)
+    if problem:
+        raise ValidationError(problem, code="base_url_policy")

@@ -1,0 +1,221 @@
+"""Keyroute settings: everything comes from the environment.
+
+Precedence: process environment > `.env` (or the file named by ENV_FILE) > `.env.default`.
+Every variable is listed with its default and meaning in `.env.default`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import django_stubs_ext
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+# Lets model fields, forms and admins be written with their type parameters.
+django_stubs_ext.monkeypatch()
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# Neither file overwrites what is already set, so reading `.env` first gives it
+# precedence over `.env.default`, and the process environment wins over both.
+environ.Env.read_env(os.environ.get("ENV_FILE") or BASE_DIR / ".env", overwrite=False)
+environ.Env.read_env(BASE_DIR / ".env.default", overwrite=False)
+
+
+def _str(name: str, default: str = "") -> str:
+    """The stripped value of `name`; empty counts as unset."""
+    return os.environ.get(name, "").strip() or default
+
+
+def _bool(name: str, default: bool) -> bool:
+    value = _str(name).lower()
+    if not value:
+        return default
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(
+        f"Unexpected value {name}={value!r}: use true or false (1/0, yes/no, on/off also work)."
+    )
+
+
+def _number(name: str, default: float, *, integer: bool = False) -> float:
+    value = _str(name)
+    if not value:
+        return default
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ImproperlyConfigured(f"Unexpected value {name}={value!r}: use {kind}.") from None
+    if number < 0:
+        raise ImproperlyConfigured(f"Unexpected value {name}={value!r}: it cannot be negative.")
+    return number
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(name, default).upper()
+    if value not in choices:
+        raise ImproperlyConfigured(
+            f"Unexpected value {name}={value!r}: use one of {', '.join(choices)}."
+        )
+    return value
+
+
+def _list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in _str(name, default).split(",") if item.strip()]
+
+
+def _base_url(name: str, default: str) -> str:
+    """A base URL, normalised: surrounding spaces and trailing slashes stripped.
+
+    The value itself is never echoed in an error: a URL can carry credentials.
+    `/v1` is neither added nor removed.
+    """
+    value = _str(name).rstrip("/")
+    if not value:
+        return default
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError on a malformed port)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} is not a valid URL (malformed host or port).") from None
+    if parts.scheme not in {"http", "https"}:
+        raise ImproperlyConfigured(
+            f"{name} must start with http:// or https:// (e.g. http://litellm:4000/v1)."
+        )
+    if not parts.hostname:
+        raise ImproperlyConfigured(f"{name} has no host name (e.g. http://litellm:4000/v1).")
+    if any(ch.isspace() for ch in value):
+        raise ImproperlyConfigured(f"{name} contains white space inside the URL.")
+    return value
+
+
+DEBUG = _bool("DEBUG", False)
+SECRET_KEY = _str("SECRET_KEY")
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is empty: set it in the environment or in .env (`make run` writes one)."
+    )
+ALLOWED_HOSTS = _list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = _list("CSRF_TRUSTED_ORIGINS")
+
+# Global defaults for calls made without a credential (see DESIGN: "Global defaults").
+OPENAI_API_KEY = _str("OPENAI_API_KEY")
+OPENAI_BASE_URL = _base_url("OPENAI_BASE_URL", "https://api.openai.com/v1")
+OPENAI_INTERNAL_API_KEY = _str("OPENAI_INTERNAL_API_KEY", OPENAI_API_KEY)
+OPENAI_INTERNAL_BASE_URL = _base_url("OPENAI_INTERNAL_BASE_URL", OPENAI_BASE_URL)
+
+# Fernet keys: the first encrypts, all decrypt. Checked by credentials.E001/E002.
+CREDENTIALS_ENCRYPTION_KEYS = _list("CREDENTIALS_ENCRYPTION_KEYS")
+# Hosts a base URL may point at; empty allows any host the base-URL policy accepts.
+LLM_ALLOWED_BASE_URL_HOSTS = [host.lower() for host in _list("LLM_ALLOWED_BASE_URL_HOSTS")]
+
+LLM_TIMEOUT_SECONDS = _number("LLM_TIMEOUT_SECONDS", 60)
+LLM_CONNECT_TIMEOUT_SECONDS = _number("LLM_CONNECT_TIMEOUT_SECONDS", 5)
+LLM_MAX_RETRIES = int(_number("LLM_MAX_RETRIES", 2, integer=True))
+LLM_TRUST_ENV_PROXY = _bool("LLM_TRUST_ENV_PROXY", False)
+LLM_FAILOVER_BASE_URL = _base_url("LLM_FAILOVER_BASE_URL", "")
+LLM_FAILOVER_API_KEY = _str("LLM_FAILOVER_API_KEY")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "credentials",
+    "llm",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "platform_site.urls"
+WSGI_APPLICATION = "platform_site.wsgi.application"
+ASGI_APPLICATION = "platform_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database(url: str) -> dict[str, object]:
+    try:
+        config: dict[str, object] = environ.Env.db_url_config(url)
+    except (ValueError, KeyError):
+        raise ImproperlyConfigured(
+            "DATABASE_URL is not a database URL: use sqlite:///db.sqlite3 or "
+            "postgres://USER:PASSWORD@HOST:5432/NAME."
+        ) from None
+    name = str(config.get("NAME", ""))
+    if config["ENGINE"] == "django.db.backends.sqlite3" and name and name != ":memory:":
+        # Relative SQLite paths are relative to the project, not the working directory.
+        config["NAME"] = str(BASE_DIR / name)
+    config.setdefault("CONN_MAX_AGE", 0)
+    return config
+
+
+def _cache(url: str) -> dict[str, object]:
+    scheme = urlsplit(url).scheme
+    backend = "django.core.cache.backends.redis.RedisCache" if scheme.startswith("redis") else None
+    try:
+        config: dict[str, object] = environ.Env.cache_url_config(url, backend=backend)
+    except (ValueError, KeyError):
+        raise ImproperlyConfigured(
+            "CACHE_URL is not a cache URL: use locmemcache:// or redis://HOST:6379/0."
+        ) from None
+    return config
+
+
+DATABASES = {"default": _database(_str("DATABASE_URL", "sqlite:///db.sqlite3"))}
+CACHES = {"default": _cache(_str("CACHE_URL", "locmemcache://"))}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = _str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {
+        "handlers": ["console"],
+        "level": _choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    },
+}
