@@ -42,6 +42,8 @@ METADATA_ADDRESSES = frozenset(
     }
 )
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 REFUSED_ADDRESS = (
     "Link-local and cloud-metadata addresses are never allowed: they would hand the "
@@ -93,13 +95,23 @@ def parse_ip(host: str) -> IPAddress | None:
 
 
 def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries (mapped, compatible or NAT64), if any."""
+    """The IPv4 address an IPv6 address carries, if any.
+
+    IPv4-mapped (::ffff:a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), IPv4-compatible
+    (::a.b.c.d), 6to4 (2002:AABB:CCDD::) and NAT64, well-known (64:ff9b::/96) and
+    local-use (64:ff9b:1::/48, RFC 6052 layout) prefixes.
+    """
     if not isinstance(address, ipaddress.IPv6Address):
         return None
     if address.ipv4_mapped:
         return address.ipv4_mapped
-    if address in NAT64 or int(address) >> 32 == 0:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour:
+        return address.sixtofour
+    packed = address.packed
+    if address in NAT64_LOCAL:
+        return ipaddress.IPv4Address(packed[6:8] + packed[9:11])
+    if address in NAT64 or address in IPV4_TRANSLATED or int(address) >> 32 == 0:
+        return ipaddress.IPv4Address(packed[12:])
     return None
 
 
@@ -111,8 +123,8 @@ def address_problem(address: IPAddress) -> str | None:
             return REFUSED_ADDRESS
         if candidate.is_unspecified:
             return (
-                "0.0.0.0 and :: are addresses a server listens on, not ones to connect to: "
-                "use 127.0.0.1 or the proxy's host name."
+                "The addresses 0.0.0.0 and :: are where a server listens, not where to "
+                "connect: use 127.0.0.1 or the proxy's host name."
             )
         if candidate.is_multicast:
             return "A multicast address cannot be a proxy's address."
@@ -120,11 +132,17 @@ def address_problem(address: IPAddress) -> str | None:
 
 
 def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
-    """`host` is on the list, exactly or below an entry that starts with a dot."""
-    return any(
-        host == entry or (entry.startswith(".") and (host.endswith(entry) or host == entry[1:]))
-        for entry in allowed_hosts
-    )
+    """`host` is on the list, exactly or below an entry that starts with a dot.
+
+    Entries are compared as ALLOWED_HOSTS writes them: any case, IPv6 in brackets or not.
+    """
+    for entry in allowed_hosts:
+        entry = entry.strip().lower().strip("[]").rstrip(".")
+        address = parse_ip(entry)
+        entry = str(address) if address is not None else entry
+        if host == entry or (entry.startswith(".") and (host.endswith(entry) or host == entry[1:])):
+            return True
+    return False
 
 
 def base_url_problem(value: str, *, allowed_hosts: Sequence[str] = ()) -> str | None:

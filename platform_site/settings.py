@@ -6,6 +6,7 @@ Every variable is listed with its default and meaning in `.env.default`.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,10 +20,30 @@ django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-# Neither file overwrites what is already set, so reading `.env` first gives it
-# precedence over `.env.default`, and the process environment wins over both.
-environ.Env.read_env(os.environ.get("ENV_FILE") or BASE_DIR / ".env", overwrite=False)
-environ.Env.read_env(BASE_DIR / ".env.default", overwrite=False)
+
+def _drop_empty_variables() -> None:
+    for name, value in list(os.environ.items()):
+        if name.isupper() and not value.strip():
+            del os.environ[name]
+
+
+def _read_env_files() -> None:
+    """Process environment > ENV_FILE (default `.env`) > `.env.default`.
+
+    An empty value counts as unset at every level, so an empty variable (as a compose
+    file passes for an unset one) falls through to the files and then to the default.
+    """
+    _drop_empty_variables()
+    env_file = os.environ.get("ENV_FILE")
+    if env_file and not Path(env_file).exists():
+        raise ImproperlyConfigured("ENV_FILE names a file that does not exist.")
+    # Neither file overwrites what is already set: the first one read wins.
+    environ.Env.read_env(env_file or BASE_DIR / ".env", overwrite=False)
+    _drop_empty_variables()
+    environ.Env.read_env(BASE_DIR / ".env.default", overwrite=False)
+
+
+_read_env_files()
 
 
 def _str(name: str, default: str = "") -> str:
@@ -52,8 +73,8 @@ def _number(name: str, default: float, *, integer: bool = False) -> float:
     except ValueError:
         kind = "a whole number" if integer else "a number"
         raise ImproperlyConfigured(f"Unexpected value {name}={value!r}: use {kind}.") from None
-    if number < 0:
-        raise ImproperlyConfigured(f"Unexpected value {name}={value!r}: it cannot be negative.")
+    if not math.isfinite(number) or number < 0:
+        raise ImproperlyConfigured(f"Unexpected value {name}={value!r}: use a finite number >= 0.")
     return number
 
 
@@ -90,6 +111,10 @@ def _base_url(name: str, default: str) -> str:
         )
     if not parts.hostname:
         raise ImproperlyConfigured(f"{name} has no host name (e.g. http://litellm:4000/v1).")
+    if "@" in parts.netloc:
+        raise ImproperlyConfigured(
+            f"{name} must not contain a user name or password: put the key in the API key variable."
+        )
     if any(ch.isspace() for ch in value):
         raise ImproperlyConfigured(f"{name} contains white space inside the URL.")
     return value
@@ -164,13 +189,16 @@ TEMPLATES = [
 
 
 def _database(url: str) -> dict[str, object]:
+    problem = ImproperlyConfigured(
+        "DATABASE_URL is not a database URL Keyroute supports: use sqlite:///db.sqlite3 or "
+        "postgres://USER:PASSWORD@HOST:5432/NAME."
+    )
+    if urlsplit(url).scheme not in {"sqlite", "postgres", "postgresql", "pgsql"}:
+        raise problem
     try:
         config: dict[str, object] = environ.Env.db_url_config(url)
-    except (ValueError, KeyError):
-        raise ImproperlyConfigured(
-            "DATABASE_URL is not a database URL: use sqlite:///db.sqlite3 or "
-            "postgres://USER:PASSWORD@HOST:5432/NAME."
-        ) from None
+    except (ValueError, KeyError, ImproperlyConfigured):
+        raise problem from None
     name = str(config.get("NAME", ""))
     if config["ENGINE"] == "django.db.backends.sqlite3" and name and name != ":memory:":
         # Relative SQLite paths are relative to the project, not the working directory.
@@ -184,7 +212,7 @@ def _cache(url: str) -> dict[str, object]:
     backend = "django.core.cache.backends.redis.RedisCache" if scheme.startswith("redis") else None
     try:
         config: dict[str, object] = environ.Env.cache_url_config(url, backend=backend)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, ImproperlyConfigured):
         raise ImproperlyConfigured(
             "CACHE_URL is not a cache URL: use locmemcache:// or redis://HOST:6379/0."
         ) from None

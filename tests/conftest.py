@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

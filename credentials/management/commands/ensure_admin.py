@@ -4,7 +4,7 @@ import secrets
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
@@ -18,6 +18,11 @@ class Command(BaseCommand):
         if users.objects.filter(is_superuser=True).exists():
             self.stdout.write("A superuser exists already; nothing to do.")
             return
+        if users.objects.filter(username=username).exists():
+            raise CommandError(
+                f"A user named {username!r} exists but is not a superuser. Make one with: "
+                "python manage.py createsuperuser, or run ensure_admin --username <another name>."
+            )
         password = secrets.token_urlsafe(12)
         users.objects.create_superuser(username=username, email="", password=password)
         self.stdout.write(

@@ -43,6 +43,8 @@ class Command(BaseCommand):
     ) -> None:
         if batch_size < 1:
             raise CommandError("--batch-size must be at least 1.")
+        if pause < 0:
+            raise CommandError("--pause cannot be negative.")
         tally = Tally(total=APIKeyCredentials.objects.count())
         last_pk = None
         batch_number = 0
