@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Two workers halve the suite's time; PYTEST_ARGS="-n 0 -k admin" runs a slice serially.
+PYTEST_ARGS ?= -n 2
 # Tools that import the settings but need no real secret and no local .env.
 TOOL_ENV := ENV_FILE=/dev/null SECRET_KEY=tooling-only-not-a-secret
 

@@ -6,7 +6,7 @@ import weakref
 from typing import Any
 
 from django import forms
-from django.core.exceptions import FieldError
+from django.core.exceptions import FieldError, ValidationError
 from django.db import models
 from django.db.models.query_utils import DeferredAttribute
 
@@ -142,6 +142,11 @@ class EncryptedKeyField(models.TextField[str | Secret, Secret]):
 
     def formfield(self, **kwargs: Any) -> Any:  # type: ignore[override]
         return super().formfield(**{"form_class": APIKeyFormField, **kwargs})
+
+    def validate(self, value: Any, model_instance: models.Model | None) -> None:
+        if not self.blank and isinstance(value, Secret) and not value:
+            raise ValidationError(self.error_messages["blank"], code="blank")
+        super().validate(value, model_instance)
 
     def save_form_data(self, instance: models.Model, data: Any) -> None:
         # A blank key field on an edit form keeps the stored key.

@@ -21,9 +21,18 @@ django_stubs_ext.monkeypatch()
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+_env_default = BASE_DIR / ".env.default"
+# The variables Keyroute reads: every one is listed in .env.default.
+_variables = {
+    line.split("=", 1)[0].strip()
+    for line in _env_default.read_text().splitlines()
+    if "=" in line and not line.lstrip().startswith("#")
+}
+
+
 def _drop_empty_variables() -> None:
-    for name, value in list(os.environ.items()):
-        if name.isupper() and not value.strip():
+    for name in _variables:
+        if not os.environ.get(name, "x").strip():
             del os.environ[name]
 
 
@@ -40,7 +49,7 @@ def _read_env_files() -> None:
     # Neither file overwrites what is already set: the first one read wins.
     environ.Env.read_env(env_file or BASE_DIR / ".env", overwrite=False)
     _drop_empty_variables()
-    environ.Env.read_env(BASE_DIR / ".env.default", overwrite=False)
+    environ.Env.read_env(_env_default, overwrite=False)
 
 
 _read_env_files()

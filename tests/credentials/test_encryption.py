@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 from cryptography.fernet import Fernet
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.management import call_command
 from django.db import connection
 
@@ -145,3 +145,13 @@ def test_the_column_is_text_on_every_database(credential_factory):
 
     assert stored.startswith("gAAAAA")
     assert hint == FAKE_KEY[-4:]
+
+
+@pytest.mark.parametrize("blank", ["", Secret("")])
+def test_it_refuses_a_blank_key(db, blank):
+    credential = APIKeyCredentials(title="Blank", api_key=blank)
+
+    with pytest.raises(ValidationError) as caught:
+        credential.full_clean()
+
+    assert "api_key" in caught.value.message_dict
