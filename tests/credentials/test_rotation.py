@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -302,3 +304,43 @@ def test_a_killed_run_leaves_every_row_readable_and_a_second_run_finishes(
     assert opened_by(settings, [new], plaintexts) == set(plaintexts)
     for plaintext in plaintexts.values():
         assert plaintext not in "".join(seen) + stderr + result.stdout + result.stderr
+
+
+def test_it_shows_progress_in_place_on_a_terminal(transactional_db, make_credentials, old, new):
+    make_credentials([old], 3)
+    env = subprocess_env(CREDENTIALS_ENCRYPTION_KEYS=f"{new},{old}", DATABASE_URL=database_url())
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(PROJECT / "manage.py"),
+                "rotate_credential_keys",
+                "--batch-size",
+                "1",
+            ],
+            env=env,
+            cwd=PROJECT,
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+        os.close(follower)
+        output = b""
+        while chunk := read_available(leader):
+            output += chunk
+    finally:
+        os.close(leader)
+
+    assert proc.returncode == 0, proc.stderr
+    text = output.decode()
+    assert text.count("\rBatch ") == 3
+    assert "Done: 3 re-encrypted" in text
+
+
+def read_available(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal's other end is closed and drained
+        return b""
