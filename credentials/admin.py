@@ -101,7 +101,7 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
     search_fields = ["title", "owner__username", "base_url"]
     list_select_related = ["owner"]
     autocomplete_fields = ["owner"]
-    actions = ["activate", "deactivate"]
+    actions = ["test_connection", "activate", "deactivate"]
     readonly_fields = ["effective_route", "key_display", "created_at", "updated_at", "last_used_at"]
     fieldsets = [
         (None, {"fields": ["title", "provider", "owner", "is_active", "expires_at"]}),
@@ -136,6 +136,25 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
             f"Chat and code: {public} (global default OPENAI_BASE_URL); embeddings: "
             f"{internal} (global default OPENAI_INTERNAL_BASE_URL); with this credential's key."
         )
+
+    @admin.action(description="Test connection (GET /models with the credential's key)")
+    def test_connection(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
+        # The admin is a page: it may call the services, and only them.
+        from llm import services
+
+        for credential in queryset:
+            try:
+                # An admin tests any credential: no user, and inactive ones too.
+                result = services.list_models(credential=credential, include_inactive=True)
+            except services.LLMError as error:
+                self.message_user(request, f"{credential.title}: {error}", messages.ERROR)
+                continue
+            self.message_user(
+                request,
+                f"{credential.title}: OK, {result.route.host} answered in "
+                f"{result.latency_ms:.0f} ms with {len(result.models)} model(s).",
+                messages.SUCCESS,
+            )
 
     @admin.action(description="Activate selected credentials")
     def activate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,12 @@ from django.conf import settings
 from django.db import connection
 
 from credentials.models import APIKeyCredentials
+from tests.upstream import Upstream
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Obviously fake keys; never real ones.
 FAKE_KEY = "sk-test-fake-Zq9xLmN0pQrS7tUv"
+GLOBAL_KEY = "sk-test-fake-global-default-0000"
 TEST_FERNET_KEY = settings.CREDENTIALS_ENCRYPTION_KEYS[0]
 
 
@@ -91,3 +93,35 @@ def run_manage(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    """A loopback OpenAI-compatible server, the global default of every purpose."""
+    with Upstream() as server:
+        yield server
+
+
+@pytest.fixture
+def start_upstream() -> Iterator[Callable[..., Upstream]]:
+    """Start as many loopback servers as a test needs; all stop at its end."""
+    servers: list[Upstream] = []
+
+    def start(**kwargs: Any) -> Upstream:
+        server = Upstream(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def global_route(settings, upstream):
+    """Point the global defaults at `upstream` with a fake key."""
+    settings.OPENAI_BASE_URL = upstream.base_url
+    settings.OPENAI_INTERNAL_BASE_URL = upstream.base_url
+    settings.OPENAI_API_KEY = GLOBAL_KEY
+    settings.OPENAI_INTERNAL_API_KEY = GLOBAL_KEY
+    return upstream

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
@@ -10,6 +11,7 @@ from django.db import transaction
 from credentials import crypto
 from credentials.fields import EncryptedSecret
 from credentials.models import APIKeyCredentials
+from credentials.signals import credentials_rotated
 
 
 @dataclass
@@ -61,6 +63,10 @@ class Command(BaseCommand):
                 changed = self.rotate_batch(batch, tally)
                 if changed and not dry_run:
                     APIKeyCredentials.objects.bulk_update(changed, ["api_key"])
+                    pks = [credential.pk for credential in changed]
+                    transaction.on_commit(
+                        partial(credentials_rotated.send, APIKeyCredentials, pks=pks)
+                    )
             last_pk = batch[-1].pk
             batch_number += 1
             self.progress(batch_number, tally, dry_run)

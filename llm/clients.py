@@ -1,0 +1,229 @@
+"""The only module that builds OpenAI clients.
+
+One sync and one async client per (base URL, key fingerprint, options), kept in a
+bounded, thread-safe LRU and sharing one SSL context. Building a client costs
+milliseconds and a connection pool; reusing one costs a dictionary lookup and keeps
+connections alive between calls.
+
+Async clients belong to the event loop they were first used on (their connection
+pool does), so they are also keyed by loop. Code that runs its own loops
+(`asyncio.run` in a command or a test) should `await aclose_loop_clients()` before the
+loop ends; under an ASGI server the loop lives as long as the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import ssl
+import threading
+import uuid
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import httpx2
+import openai
+from django.conf import settings
+
+from credentials.policy import base_url_problem
+from llm.errors import CredentialUnavailable
+from llm.routes import Route
+
+# Per-process salt: fingerprints identify a key inside this process and nowhere else.
+_SALT = os.urandom(16)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    timeout: float
+    connect_timeout: float
+    max_retries: int
+    trust_env: bool
+
+    @classmethod
+    def from_settings(cls) -> ClientOptions:
+        return cls(
+            timeout=settings.LLM_TIMEOUT_SECONDS,
+            connect_timeout=settings.LLM_CONNECT_TIMEOUT_SECONDS,
+            max_retries=settings.LLM_MAX_RETRIES,
+            trust_env=settings.LLM_TRUST_ENV_PROXY,
+        )
+
+    def httpx_timeout(self) -> httpx2.Timeout:
+        return httpx2.Timeout(self.timeout, connect=min(self.connect_timeout, self.timeout))
+
+
+@cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """Built once: loading the CA bundle is most of what a new client costs."""
+    return httpx2.create_ssl_context()
+
+
+def fingerprint(route: Route) -> str:
+    key = route.api_key.get_secret_value().encode()
+    return hmac.new(_SALT, key, hashlib.sha256).hexdigest()[:24]
+
+
+@dataclass
+class _Entry:
+    client: openai.OpenAI | openai.AsyncOpenAI
+    credential_id: uuid.UUID | None
+    loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+
+
+class ClientCache:
+    """A bounded LRU of clients; evicted clients are closed."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closing: set[asyncio.Future[Any]] = set()
+        self.builds = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[Any, ...], route: Route, build: Any, loop: Any = None) -> Any:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and (loop is None or (entry.loop and entry.loop() is loop)):
+                self._entries.move_to_end(key)
+                return entry.client
+        client = build()
+        evicted = []
+        with self._lock:
+            self.builds += 1
+            if entry is not None:  # a client of a loop that is gone, under a reused id
+                evicted.append(self._entries.pop(key, entry))
+            self._entries[key] = _Entry(
+                client, route.credential_id, weakref.ref(loop) if loop else None
+            )
+            while len(self._entries) > self.maxsize:
+                evicted.append(self._entries.popitem(last=False)[1])
+        for old in evicted:
+            self._close(old)
+        return client
+
+    def evict(self, credential_id: uuid.UUID | None = None) -> int:
+        """Drop (and close) the clients of one credential, or all of them."""
+        with self._lock:
+            keys = [
+                key
+                for key, entry in self._entries.items()
+                if credential_id is None or entry.credential_id == credential_id
+            ]
+            evicted = [self._entries.pop(key) for key in keys]
+        for entry in evicted:
+            self._close(entry)
+        return len(evicted)
+
+    async def aclose_loop(self) -> None:
+        """Close every async client of the running loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if e.loop and e.loop() is loop]
+            evicted = [self._entries.pop(key) for key in keys]
+        for entry in evicted:
+            await entry.client.close()  # type: ignore[misc]
+
+    def _close(self, entry: _Entry) -> None:
+        client = entry.client
+        if isinstance(client, openai.OpenAI):
+            client.close()
+            return
+        loop = entry.loop() if entry.loop else None
+        if loop is None or loop.is_closed():
+            return  # its connections died with the loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            task = loop.create_task(client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        elif loop.is_running():
+            asyncio.run_coroutine_threadsafe(client.close(), loop)
+
+
+_cache = ClientCache(maxsize=settings.LLM_CLIENT_CACHE_SIZE)
+
+
+def _check_policy(route: Route) -> None:
+    problem = base_url_problem(route.base_url, allowed_hosts=settings.LLM_ALLOWED_BASE_URL_HOSTS)
+    if problem:
+        who = f"credential {route.credential_title!r}" if route.credential_title else route.source
+        raise CredentialUnavailable(
+            f"The base URL of {who} is refused: {problem}", reason="base_url_refused"
+        )
+
+
+def _key(kind: str, route: Route, options: ClientOptions) -> tuple[Any, ...]:
+    return (kind, route.base_url, fingerprint(route), options)
+
+
+def get_client(route: Route) -> openai.OpenAI:
+    options = ClientOptions.from_settings()
+
+    def build() -> openai.OpenAI:
+        _check_policy(route)
+        http_client = openai.DefaultHttpx2Client(
+            verify=shared_ssl_context(),
+            timeout=options.httpx_timeout(),
+            follow_redirects=False,
+            trust_env=options.trust_env,
+        )
+        return openai.OpenAI(
+            api_key=route.api_key.get_secret_value(),
+            base_url=route.base_url,
+            timeout=options.httpx_timeout(),
+            max_retries=options.max_retries,
+            http_client=http_client,
+        )
+
+    client: openai.OpenAI = _cache.get(_key("sync", route, options), route, build)
+    return client
+
+
+def get_async_client(route: Route) -> openai.AsyncOpenAI:
+    """The async client for `route` on the running event loop (aiohttp transport)."""
+    options = ClientOptions.from_settings()
+    loop = asyncio.get_running_loop()
+
+    def build() -> openai.AsyncOpenAI:
+        _check_policy(route)
+        http_client = openai.DefaultAioHttpClient(
+            verify=shared_ssl_context(),
+            timeout=options.httpx_timeout(),
+            follow_redirects=False,
+            trust_env=options.trust_env,
+        )
+        return openai.AsyncOpenAI(
+            api_key=route.api_key.get_secret_value(),
+            base_url=route.base_url,
+            timeout=options.httpx_timeout(),
+            max_retries=options.max_retries,
+            http_client=http_client,
+        )
+
+    key = (*_key("async", route, options), id(loop))
+    client: openai.AsyncOpenAI = _cache.get(key, route, build, loop=loop)
+    return client
+
+
+def evict(credential_id: uuid.UUID | None = None) -> int:
+    return _cache.evict(credential_id)
+
+
+async def aclose_loop_clients() -> None:
+    await _cache.aclose_loop()
+
+
+def cache_stats() -> dict[str, int]:
+    return {"clients": len(_cache), "builds": _cache.builds}

@@ -1,0 +1,111 @@
+"""Which base URL and key a call uses: a pure function of settings and one credential."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+from credentials.crypto import DecryptionError
+from credentials.models import APIKeyCredentials
+from credentials.secret import Secret
+from llm.errors import CredentialUnavailable
+
+Purpose = Literal["chat", "code", "embeddings"]
+Source = Literal["credential", "global", "internal", "failover"]
+PURPOSES: tuple[Purpose, ...] = ("chat", "code", "embeddings")
+
+
+@dataclass(frozen=True)
+class Route:
+    purpose: Purpose
+    base_url: str
+    api_key: Secret
+    source: Source
+    credential_id: uuid.UUID | None = None
+    credential_title: str | None = None
+
+    @property
+    def host(self) -> str:
+        """host[:port] as configured: what error messages and metrics may show."""
+        return urlsplit(self.base_url).netloc
+
+
+def _default(purpose: Purpose) -> tuple[str, str, Source, str]:
+    if purpose == "embeddings":
+        return (
+            settings.OPENAI_INTERNAL_BASE_URL,
+            settings.OPENAI_INTERNAL_API_KEY,
+            "internal",
+            "OPENAI_INTERNAL_API_KEY",
+        )
+    return settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY, "global", "OPENAI_API_KEY"
+
+
+def resolve_route(
+    purpose: Purpose,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    *,
+    allow_inactive: bool = False,
+) -> Route:
+    """The route for `purpose`: the credential's, or the purpose's global default.
+
+    A credential that is inactive or expired (unless `allow_inactive`, for an admin's
+    connection test), unreadable, or not `user`'s to use raises CredentialUnavailable.
+    It never falls back to the global key: that would bill the wrong account.
+    """
+    if purpose not in PURPOSES:
+        raise ValueError(f"Unknown purpose {purpose!r}: use one of {', '.join(PURPOSES)}.")
+    base_url, key, source, key_name = _default(purpose)
+    if credential is None:
+        if not key:
+            raise CredentialUnavailable(
+                f"No credential was chosen and {key_name} is not set: choose a credential, "
+                f"or set {key_name} for calls without one.",
+                reason="no_default_key",
+                status=503,
+            )
+        return Route(purpose=purpose, base_url=base_url, api_key=Secret(key), source=source)
+    check_usable(credential, user, allow_inactive=allow_inactive)
+    try:
+        plaintext = credential.api_key.get_secret_value()
+    except DecryptionError as error:
+        raise CredentialUnavailable(str(error), reason="undecryptable", status=503) from None
+    return Route(
+        purpose=purpose,
+        base_url=credential.base_url or base_url,
+        api_key=Secret(plaintext),
+        source="credential",
+        credential_id=credential.pk,
+        credential_title=credential.title,
+    )
+
+
+def check_usable(credential: APIKeyCredentials, user: Any, *, allow_inactive: bool = False) -> None:
+    title = credential.title
+    if user is not None and (
+        not user.is_authenticated or credential.owner_id not in (None, user.pk)
+    ):
+        # Indistinguishable from a credential that does not exist.
+        raise CredentialUnavailable(
+            "No such credential: choose one of your own or a shared one.",
+            reason="not_usable",
+            status=404,
+        )
+    if allow_inactive:
+        return
+    if not credential.is_active:
+        raise CredentialUnavailable(
+            f"Credential {title!r} is inactive: choose another one, or ask an admin to "
+            "activate it.",
+            reason="inactive",
+        )
+    if credential.is_expired:
+        raise CredentialUnavailable(
+            f"Credential {title!r} expired: choose another one, or ask an admin to renew it.",
+            reason="expired",
+        )

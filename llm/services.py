@@ -1,0 +1,329 @@
+"""Chat, code and embeddings: every OpenAI-SDK call of the platform goes through here.
+
+Each call resolves its route (the credential's, or the purpose's global default), takes
+the cached client for it and turns whatever goes wrong into an LLMError sentence.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.utils import timezone
+
+from credentials.models import APIKeyCredentials
+from llm import clients
+from llm.errors import SDK_ERRORS, LLMError, UpstreamError, from_sdk_error
+from llm.routes import Purpose, Route, resolve_route
+
+CODE_INSTRUCTIONS = (
+    "You write code. Answer with the code first, then at most a few short sentences."
+)
+# last_used_at is written at most once a minute per credential and process.
+TOUCH_INTERVAL = 60.0
+_touched: dict[uuid.UUID, float] = {}
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What a user may see of a route: where it went, not with which key."""
+
+    source: str
+    host: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    model: str
+    usage: Usage
+    route: RouteInfo
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: list[list[float]]
+    model: str
+    usage: Usage
+    route: RouteInfo
+
+
+@dataclass(frozen=True)
+class ModelList:
+    models: list[str]
+    latency_ms: float
+    route: RouteInfo
+
+
+def _info(route: Route) -> RouteInfo:
+    return RouteInfo(source=route.source, host=route.host)
+
+
+def _malformed(route: Route) -> UpstreamError:
+    return UpstreamError(
+        f"The LLM proxy at {route.host} sent an answer that is not an OpenAI-compatible "
+        f"response. Is {route.base_url} the proxy's OpenAI endpoint (often ending in /v1)?"
+    )
+
+
+def _usage(raw: Any) -> Usage:
+    usage = getattr(raw, "usage", None)
+    if usage is None:
+        return Usage()
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    total = int(getattr(usage, "total_tokens", 0) or 0) or prompt + completion
+    return Usage(prompt, completion, total)
+
+
+def _cost(headers: Any) -> float | None:
+    value = headers.get("x-litellm-response-cost")
+    try:
+        return float(value) if value not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def _chat_result(raw: Any, route: Route) -> ChatResult:
+    try:
+        completion = raw.parse()
+        text = completion.choices[0].message.content or ""
+        model = str(completion.model or "")
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        raise _malformed(route) from None
+    return ChatResult(
+        text=text,
+        model=model,
+        usage=_usage(completion),
+        route=_info(route),
+        cost_usd=_cost(raw.headers),
+    )
+
+
+def _embedding_result(raw: Any, route: Route) -> EmbeddingResult:
+    try:
+        response = raw.parse()
+        rows = sorted(response.data, key=lambda row: row.index)
+        vectors = [list(map(float, row.embedding)) for row in rows]
+        model = str(response.model or "")
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        raise _malformed(route) from None
+    return EmbeddingResult(vectors=vectors, model=model, usage=_usage(response), route=_info(route))
+
+
+def _due(credential: APIKeyCredentials | None) -> bool:
+    if credential is None:
+        return False
+    now = time.monotonic()
+    if now - _touched.get(credential.pk, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+        return False
+    _touched[credential.pk] = now
+    credential.last_used_at = timezone.now()
+    return True
+
+
+def _touch(credential: APIKeyCredentials | None) -> None:
+    if _due(credential):
+        assert credential is not None
+        APIKeyCredentials.objects.filter(pk=credential.pk).update(
+            last_used_at=credential.last_used_at
+        )
+
+
+async def _atouch(credential: APIKeyCredentials | None) -> None:
+    if _due(credential):
+        assert credential is not None
+        await APIKeyCredentials.objects.filter(pk=credential.pk).aupdate(
+            last_used_at=credential.last_used_at
+        )
+
+
+def _code_messages(prompt: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": CODE_INSTRUCTIONS},
+        {"role": "user", "content": prompt},
+    ]
+
+
+def _complete(
+    purpose: Purpose,
+    messages: Sequence[dict[str, Any]],
+    model: str,
+    credential: APIKeyCredentials | None,
+    user: Any,
+    options: dict[str, Any],
+) -> ChatResult:
+    route = resolve_route(purpose, credential, user)
+    client = clients.get_client(route)
+    try:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=list(messages),  # type: ignore[arg-type]
+            **options,
+        )
+    except SDK_ERRORS as error:
+        raise from_sdk_error(error, route, model=model) from None
+    result = _chat_result(raw, route)
+    _touch(credential)
+    return result
+
+
+async def _acomplete(
+    purpose: Purpose,
+    messages: Sequence[dict[str, Any]],
+    model: str,
+    credential: APIKeyCredentials | None,
+    user: Any,
+    options: dict[str, Any],
+) -> ChatResult:
+    route = resolve_route(purpose, credential, user)
+    client = clients.get_async_client(route)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=list(messages),  # type: ignore[arg-type]
+            **options,
+        )
+    except SDK_ERRORS as error:
+        raise from_sdk_error(error, route, model=model) from None
+    result = _chat_result(raw, route)
+    await _atouch(credential)
+    return result
+
+
+def chat(
+    *,
+    messages: Sequence[dict[str, Any]],
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    **options: Any,
+) -> ChatResult:
+    """A chat completion; `options` go to the SDK (temperature, max_tokens, ...)."""
+    return _complete("chat", messages, model, credential, user, options)
+
+
+async def achat(
+    *,
+    messages: Sequence[dict[str, Any]],
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    **options: Any,
+) -> ChatResult:
+    return await _acomplete("chat", messages, model, credential, user, options)
+
+
+def generate_code(
+    *,
+    prompt: str,
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    **options: Any,
+) -> ChatResult:
+    return _complete("code", _code_messages(prompt), model, credential, user, options)
+
+
+async def agenerate_code(
+    *,
+    prompt: str,
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    **options: Any,
+) -> ChatResult:
+    return await _acomplete("code", _code_messages(prompt), model, credential, user, options)
+
+
+def embed(
+    *,
+    texts: Sequence[str],
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+) -> EmbeddingResult:
+    route = resolve_route("embeddings", credential, user)
+    client = clients.get_client(route)
+    try:
+        raw = client.embeddings.with_raw_response.create(
+            model=model, input=list(texts), encoding_format="float"
+        )
+    except SDK_ERRORS as error:
+        raise from_sdk_error(error, route, model=model) from None
+    result = _embedding_result(raw, route)
+    _touch(credential)
+    return result
+
+
+async def aembed(
+    *,
+    texts: Sequence[str],
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+) -> EmbeddingResult:
+    route = resolve_route("embeddings", credential, user)
+    client = clients.get_async_client(route)
+    try:
+        raw = await client.embeddings.with_raw_response.create(
+            model=model, input=list(texts), encoding_format="float"
+        )
+    except SDK_ERRORS as error:
+        raise from_sdk_error(error, route, model=model) from None
+    result = _embedding_result(raw, route)
+    await _atouch(credential)
+    return result
+
+
+def list_models(
+    *,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    include_inactive: bool = False,
+) -> ModelList:
+    """GET {base}/models with the credential's key: the admin's connection test.
+
+    `include_inactive` lets an admin test a credential before activating it.
+    """
+    route = resolve_route("chat", credential, user, allow_inactive=include_inactive)
+    client = clients.get_client(route)
+    started = time.perf_counter()
+    try:
+        page = client.models.list()
+        models = sorted(str(model.id) for model in page.data)
+    except SDK_ERRORS as error:
+        raise from_sdk_error(error, route) from None
+    except (ValueError, TypeError, AttributeError, KeyError):
+        raise _malformed(route) from None
+    return ModelList(
+        models=models, latency_ms=(time.perf_counter() - started) * 1000, route=_info(route)
+    )
+
+
+__all__ = [
+    "ChatResult",
+    "EmbeddingResult",
+    "LLMError",
+    "ModelList",
+    "RouteInfo",
+    "Usage",
+    "achat",
+    "aembed",
+    "agenerate_code",
+    "chat",
+    "embed",
+    "generate_code",
+    "list_models",
+]
