@@ -62,14 +62,16 @@ def encrypt(plaintext: str) -> str:
     return _configured()[1].encrypt(plaintext.encode()).decode()
 
 
-def decrypt(token: str, *, what: str = "A stored API key") -> str:
-    """The plaintext of `token`; `what` names the credential in the error."""
+def undecryptable(what: str) -> str:
+    return f"{what} cannot be decrypted with any key in CREDENTIALS_ENCRYPTION_KEYS. {WHAT_TO_DO}"
+
+
+def decrypt(token: str) -> str:
+    """The plaintext of `token`; DecryptionError if no configured key opens it."""
     try:
         return _configured()[1].decrypt(token.encode()).decode()
     except InvalidToken:
-        raise DecryptionError(
-            f"{what} cannot be decrypted with any key in CREDENTIALS_ENCRYPTION_KEYS. {WHAT_TO_DO}"
-        ) from None
+        raise DecryptionError(undecryptable("A stored API key")) from None
 
 
 def is_current(token: str) -> bool:

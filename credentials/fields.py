@@ -40,7 +40,10 @@ class EncryptedSecret(Secret):
 
     def get_secret_value(self) -> str:
         if self._plaintext is None:
-            self._plaintext = crypto.decrypt(self.token, what=self.describe_owner())
+            try:
+                self._plaintext = crypto.decrypt(self.token)
+            except crypto.DecryptionError:
+                raise crypto.DecryptionError(crypto.undecryptable(self.describe_owner())) from None
         return self._plaintext
 
     def __bool__(self) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import os
 import ssl
 import threading
@@ -65,8 +64,9 @@ def shared_ssl_context() -> ssl.SSLContext:
 
 
 def fingerprint(route: Route) -> str:
+    """A keyed hash of the route's key: tells keys apart without holding them."""
     key = route.api_key.get_secret_value().encode()
-    return hmac.new(_SALT, key, hashlib.sha256).hexdigest()[:24]
+    return hashlib.blake2b(key, key=_SALT, digest_size=16).hexdigest()
 
 
 @dataclass
@@ -168,23 +168,32 @@ def _key(kind: str, route: Route, options: ClientOptions) -> tuple[Any, ...]:
     return (kind, route.base_url, fingerprint(route), options)
 
 
+def _http_options(options: ClientOptions) -> dict[str, Any]:
+    return {
+        "verify": shared_ssl_context(),
+        "timeout": options.httpx_timeout(),
+        "follow_redirects": False,
+        "trust_env": options.trust_env,
+    }
+
+
+def _sdk_options(route: Route, options: ClientOptions) -> dict[str, Any]:
+    _check_policy(route)
+    return {
+        "api_key": route.api_key.get_secret_value(),
+        "base_url": route.base_url,
+        "timeout": options.httpx_timeout(),
+        "max_retries": options.max_retries,
+    }
+
+
 def get_client(route: Route) -> openai.OpenAI:
     options = ClientOptions.from_settings()
 
     def build() -> openai.OpenAI:
-        _check_policy(route)
-        http_client = openai.DefaultHttpx2Client(
-            verify=shared_ssl_context(),
-            timeout=options.httpx_timeout(),
-            follow_redirects=False,
-            trust_env=options.trust_env,
-        )
         return openai.OpenAI(
-            api_key=route.api_key.get_secret_value(),
-            base_url=route.base_url,
-            timeout=options.httpx_timeout(),
-            max_retries=options.max_retries,
-            http_client=http_client,
+            **_sdk_options(route, options),
+            http_client=openai.DefaultHttpx2Client(**_http_options(options)),
         )
 
     client: openai.OpenAI = _cache.get(_key("sync", route, options), route, build)
@@ -197,19 +206,9 @@ def get_async_client(route: Route) -> openai.AsyncOpenAI:
     loop = asyncio.get_running_loop()
 
     def build() -> openai.AsyncOpenAI:
-        _check_policy(route)
-        http_client = openai.DefaultAioHttpClient(
-            verify=shared_ssl_context(),
-            timeout=options.httpx_timeout(),
-            follow_redirects=False,
-            trust_env=options.trust_env,
-        )
         return openai.AsyncOpenAI(
-            api_key=route.api_key.get_secret_value(),
-            base_url=route.base_url,
-            timeout=options.httpx_timeout(),
-            max_retries=options.max_retries,
-            http_client=http_client,
+            **_sdk_options(route, options),
+            http_client=openai.DefaultAioHttpClient(**_http_options(options)),
         )
 
     key = (*_key("async", route, options), id(loop))

@@ -8,8 +8,11 @@ The SDK's exceptions are translated here and nowhere else (`from_sdk_error`).
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import httpx2
 import openai
 
@@ -79,7 +82,39 @@ DNS_FAILURES = (
     "getaddrinfo failed",
     "dns",
 )
+DNS_ERRORS = (socket.gaierror, aiohttp.ClientConnectorDNSError)
+# The SDK's transports wrap these in different exceptions (the aiohttp one even calls a
+# refused connection a connect timeout), so the cause chain is what tells them apart.
+CONNECT_FAILURES = (
+    ConnectionRefusedError,
+    socket.gaierror,
+    aiohttp.ClientConnectorError,
+    httpx2.ConnectError,
+)
+DROPPED = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    httpx2.RemoteProtocolError,
+    httpx2.ReadError,
+)
 SDK_ERRORS = (openai.OpenAIError,)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def malformed_answer(route: Route) -> UpstreamError:
+    return UpstreamError(
+        f"The LLM proxy at {route.host} sent an answer that is not an OpenAI-compatible "
+        f"response, for {_who(route)}. Is {route.base_url} the proxy's OpenAI endpoint "
+        "(often ending in /v1)?"
+    )
 
 
 def _who(route: Route) -> str:
@@ -121,6 +156,22 @@ def from_sdk_error(
     """The LLMError for an exception the OpenAI SDK raised while calling `route`."""
     host, base = route.host, route.base_url
     who = _who(route)
+    causes = list(_causes(error))
+    if any(isinstance(cause, CONNECT_FAILURES) for cause in causes):
+        text = " ".join(str(cause) for cause in causes).lower()
+        unresolved = any(isinstance(cause, DNS_ERRORS) for cause in causes) or any(
+            phrase in text for phrase in DNS_FAILURES
+        )
+        why = "host name not resolved" if unresolved else "connection refused"
+        return ProxyUnreachable(
+            f"Could not connect to the LLM proxy at {host} ({why}) for {who}. Is the proxy "
+            f"running? Try: curl {base.rsplit('/v1', 1)[0]}/health/liveliness"
+        )
+    if any(isinstance(cause, DROPPED) for cause in causes):
+        return UpstreamError(
+            f"The LLM proxy at {host} closed the connection without answering {who}. "
+            f"Check its logs; try: curl {base}/models"
+        )
     if isinstance(error, openai.APITimeoutError):
         return ProxyUnreachable(
             f"The LLM proxy at {host} did not answer in time for {who}. Is it overloaded or "
@@ -128,17 +179,8 @@ def from_sdk_error(
             status=504,
         )
     if isinstance(error, openai.APIConnectionError):
-        cause = error.__cause__
-        if isinstance(cause, httpx2.ConnectError):
-            text = str(cause).lower()
-            unresolved = any(phrase in text for phrase in DNS_FAILURES)
-            why = "host name not resolved" if unresolved else "connection refused"
-            return ProxyUnreachable(
-                f"Could not connect to the LLM proxy at {host} ({why}) for {who}. Is the proxy "
-                f"running? Try: curl {base.rsplit('/v1', 1)[0]}/health/liveliness"
-            )
         return UpstreamError(
-            f"The LLM proxy at {host} closed the connection without answering {who}. "
+            f"The connection to the LLM proxy at {host} failed for {who}. "
             f"Check its logs; try: curl {base}/models"
         )
     if isinstance(error, openai.APIStatusError):
@@ -166,10 +208,7 @@ def from_sdk_error(
             f"The LLM proxy at {host} answered {status} to {who}. Check the proxy's logs.{detail}"
         )
     if isinstance(error, openai.APIResponseValidationError):
-        return UpstreamError(
-            f"The LLM proxy at {host} sent an answer that is not an OpenAI-compatible "
-            f"response, for {who}. Is {base} the proxy's OpenAI endpoint (often ending in /v1)?"
-        )
+        return malformed_answer(route)
     return UpstreamError(
         f"The call to the LLM proxy at {host} failed for {who} ({type(error).__name__})."
     )

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from credentials.models import APIKeyCredentials
 from llm import clients
-from llm.errors import SDK_ERRORS, LLMError, UpstreamError, from_sdk_error
+from llm.errors import SDK_ERRORS, LLMError, from_sdk_error, malformed_answer
 from llm.routes import Purpose, Route, resolve_route
 
 CODE_INSTRUCTIONS = (
@@ -70,13 +70,6 @@ def _info(route: Route) -> RouteInfo:
     return RouteInfo(source=route.source, host=route.host)
 
 
-def _malformed(route: Route) -> UpstreamError:
-    return UpstreamError(
-        f"The LLM proxy at {route.host} sent an answer that is not an OpenAI-compatible "
-        f"response. Is {route.base_url} the proxy's OpenAI endpoint (often ending in /v1)?"
-    )
-
-
 def _usage(raw: Any) -> Usage:
     usage = getattr(raw, "usage", None)
     if usage is None:
@@ -101,7 +94,7 @@ def _chat_result(raw: Any, route: Route) -> ChatResult:
         text = completion.choices[0].message.content or ""
         model = str(completion.model or "")
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
-        raise _malformed(route) from None
+        raise malformed_answer(route) from None
     return ChatResult(
         text=text,
         model=model,
@@ -118,7 +111,7 @@ def _embedding_result(raw: Any, route: Route) -> EmbeddingResult:
         vectors = [list(map(float, row.embedding)) for row in rows]
         model = str(response.model or "")
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
-        raise _malformed(route) from None
+        raise malformed_answer(route) from None
     return EmbeddingResult(vectors=vectors, model=model, usage=_usage(response), route=_info(route))
 
 
@@ -306,7 +299,7 @@ def list_models(
     except SDK_ERRORS as error:
         raise from_sdk_error(error, route) from None
     except (ValueError, TypeError, AttributeError, KeyError):
-        raise _malformed(route) from None
+        raise malformed_answer(route) from None
     return ModelList(
         models=models, latency_ms=(time.perf_counter() - started) * 1000, route=_info(route)
     )

@@ -252,6 +252,8 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # The HTTP libraries log every request at INFO; WARNING keeps the log about Keyroute.
+    "loggers": {name: {"level": "WARNING"} for name in ("httpx2", "httpcore2", "openai")},
     "root": {
         "handlers": ["console"],
         "level": _choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),

@@ -103,6 +103,15 @@ class Upstream:
             raise RuntimeError("The loopback upstream did not start.")
         return self
 
+    async def _shutdown(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+        # Handlers told to hang outlive their (closed) connections: cancel them too.
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     async def _start(self, port: int) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
@@ -113,7 +122,7 @@ class Upstream:
     def stop(self) -> None:
         if self._loop is None or self._runner is None:
             return
-        future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         future.result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from django.urls import reverse
+
+from tests.conftest import FAKE_KEY
+from tests.upstream import free_port
+
+LIST_URL = reverse("admin:credentials_apikeycredentials_changelist")
+
+
+def run_action(admin_client, *credentials):
+    response = admin_client.post(
+        LIST_URL,
+        {"action": "test_connection", "_selected_action": [str(c.pk) for c in credentials]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    return [str(message) for message in response.context["messages"]], response.content.decode()
+
+
+def test_it_reports_ok_with_latency_and_model_count(admin_client, credential_factory, upstream):
+    credential = credential_factory(title="Team proxy", base_url=upstream.base_url)
+
+    messages, page = run_action(admin_client, credential)
+
+    (message,) = messages
+    assert message.startswith(f"Team proxy: OK, 127.0.0.1:{upstream.port} answered in ")
+    assert message.endswith("ms with 3 model(s).")
+    (request,) = upstream.requests
+    assert (request.method, request.path) == ("GET", "/v1/models")
+    assert request.authorization == f"Bearer {FAKE_KEY}"
+    assert FAKE_KEY not in page
+
+
+def test_it_reports_each_failure_as_a_sentence(admin_client, credential_factory, upstream):
+    port = free_port()
+    down = credential_factory(title="Down", base_url=f"http://127.0.0.1:{port}/v1")
+    rejected = credential_factory(title="Rejected", base_url=upstream.base_url)
+    upstream.respond(status=401, body={"error": {"message": f"bad key {FAKE_KEY}"}})
+
+    messages, page = run_action(admin_client, down, rejected)
+
+    assert sorted(messages) == sorted(
+        [
+            f"Down: Could not connect to the LLM proxy at 127.0.0.1:{port} (connection refused) "
+            f"for credential 'Down'. Is the proxy running? "
+            f"Try: curl http://127.0.0.1:{port}/health/liveliness",
+            f"Rejected: The LLM proxy at 127.0.0.1:{upstream.port} rejected the key of credential "
+            "'Rejected' (401): the key does not match the proxy's keys, or it may not use this "
+            'model. Enter the right key in the admin. It said: "bad key [key]"',
+        ]
+    )
+    assert FAKE_KEY not in page
+
+
+def test_it_tests_an_inactive_credential_too(admin_client, credential_factory, upstream):
+    credential = credential_factory(title="Not yet", base_url=upstream.base_url, is_active=False)
+
+    messages, _ = run_action(admin_client, credential)
+
+    assert "Not yet: OK" in messages[0]
