@@ -21,6 +21,8 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -69,15 +71,22 @@ def fingerprint(route: Route) -> str:
     return hashlib.blake2b(key, key=_SALT, digest_size=16).hexdigest()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     client: openai.OpenAI | openai.AsyncOpenAI
     credential_id: uuid.UUID | None
     loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+    in_use: int = 0  # calls holding a lease on the client
+    retired: bool = False  # out of the cache; closed once in_use drops to 0
 
 
 class ClientCache:
-    """A bounded LRU of clients; evicted clients are closed."""
+    """A bounded, thread-safe LRU of clients.
+
+    An evicted client is closed as soon as no call holds a lease on it, so saving a
+    credential never cuts a call in flight. Clients are built outside the lock (that
+    takes milliseconds); when two threads build the same one, the loser's is dropped.
+    """
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -90,28 +99,57 @@ class ClientCache:
         return len(self._entries)
 
     def get(self, key: tuple[Any, ...], route: Route, build: Any, loop: Any = None) -> Any:
+        """The client for `key`, without a lease: eviction may close it under the caller."""
+        return self.acquire(key, route, build, loop, lease=False).client
+
+    def acquire(
+        self,
+        key: tuple[Any, ...],
+        route: Route,
+        build: Any,
+        loop: Any = None,
+        *,
+        lease: bool = True,
+    ) -> _Entry:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and (loop is None or (entry.loop and entry.loop() is loop)):
+            if self._valid(entry, loop):
+                assert entry is not None
                 self._entries.move_to_end(key)
-                return entry.client
+                entry.in_use += lease
+                return entry
         client = build()
-        evicted = []
+        retired: list[_Entry] = []
         with self._lock:
-            self.builds += 1
-            if entry is not None:  # a client of a loop that is gone, under a reused id
-                evicted.append(self._entries.pop(key, entry))
-            self._entries[key] = _Entry(
-                client, route.credential_id, weakref.ref(loop) if loop else None
-            )
-            while len(self._entries) > self.maxsize:
-                evicted.append(self._entries.popitem(last=False)[1])
-        for old in evicted:
-            self._close(old)
-        return client
+            current = self._entries.get(key)
+            if self._valid(current, loop):  # another thread built it meanwhile
+                assert current is not None
+                current.in_use += lease
+                entry, spare = current, client
+            else:
+                spare = None
+                entry = _Entry(client, route.credential_id, weakref.ref(loop) if loop else None)
+                entry.in_use += lease
+                self.builds += 1
+                if current is not None:  # a client of a loop that is gone, under a reused id
+                    retired.append(self._entries.pop(key))
+                self._entries[key] = entry
+                while len(self._entries) > self.maxsize:
+                    retired.append(self._entries.popitem(last=False)[1])
+        if isinstance(spare, openai.OpenAI):
+            spare.close()  # never used; an unused async client holds no connection yet
+        self._retire(retired)
+        return entry
+
+    def release(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.in_use -= 1
+            idle = entry.retired and entry.in_use == 0
+        if idle:
+            self._close(entry)
 
     def evict(self, credential_id: uuid.UUID | None = None) -> int:
-        """Drop (and close) the clients of one credential, or all of them."""
+        """Drop the clients of one credential, or all of them; close them when idle."""
         with self._lock:
             keys = [
                 key
@@ -119,18 +157,31 @@ class ClientCache:
                 if credential_id is None or entry.credential_id == credential_id
             ]
             evicted = [self._entries.pop(key) for key in keys]
-        for entry in evicted:
-            self._close(entry)
+        self._retire(evicted)
         return len(evicted)
 
     async def aclose_loop(self) -> None:
-        """Close every async client of the running loop."""
+        """Close every async client of the running loop (its end is near)."""
         loop = asyncio.get_running_loop()
         with self._lock:
             keys = [k for k, e in self._entries.items() if e.loop and e.loop() is loop]
             evicted = [self._entries.pop(key) for key in keys]
         for entry in evicted:
             await entry.client.close()  # type: ignore[misc]
+
+    @staticmethod
+    def _valid(entry: _Entry | None, loop: Any) -> bool:
+        return entry is not None and (
+            loop is None or (entry.loop is not None and entry.loop() is loop)
+        )
+
+    def _retire(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            with self._lock:
+                entry.retired = True
+                idle = entry.in_use == 0
+            if idle:
+                self._close(entry)
 
     def _close(self, entry: _Entry) -> None:
         client = entry.client
@@ -187,7 +238,7 @@ def _sdk_options(route: Route, options: ClientOptions) -> dict[str, Any]:
     }
 
 
-def get_client(route: Route) -> openai.OpenAI:
+def _sync_entry(route: Route, *, lease: bool) -> _Entry:
     options = ClientOptions.from_settings()
 
     def build() -> openai.OpenAI:
@@ -196,12 +247,10 @@ def get_client(route: Route) -> openai.OpenAI:
             http_client=openai.DefaultHttpx2Client(**_http_options(options)),
         )
 
-    client: openai.OpenAI = _cache.get(_key("sync", route, options), route, build)
-    return client
+    return _cache.acquire(_key("sync", route, options), route, build, lease=lease)
 
 
-def get_async_client(route: Route) -> openai.AsyncOpenAI:
-    """The async client for `route` on the running event loop (aiohttp transport)."""
+def _async_entry(route: Route, *, lease: bool) -> _Entry:
     options = ClientOptions.from_settings()
     loop = asyncio.get_running_loop()
 
@@ -212,8 +261,41 @@ def get_async_client(route: Route) -> openai.AsyncOpenAI:
         )
 
     key = (*_key("async", route, options), id(loop))
-    client: openai.AsyncOpenAI = _cache.get(key, route, build, loop=loop)
+    return _cache.acquire(key, route, build, loop, lease=lease)
+
+
+def get_client(route: Route) -> openai.OpenAI:
+    """The cached sync client for `route`, unleased (prefer `lease` for calls)."""
+    client = _sync_entry(route, lease=False).client
+    assert isinstance(client, openai.OpenAI)
     return client
+
+
+def get_async_client(route: Route) -> openai.AsyncOpenAI:
+    """The cached async client for `route` on the running loop, unleased."""
+    client = _async_entry(route, lease=False).client
+    assert isinstance(client, openai.AsyncOpenAI)
+    return client
+
+
+@contextmanager
+def lease(route: Route) -> Iterator[openai.OpenAI]:
+    """The sync client for `route`, kept open until the block ends even if evicted."""
+    entry = _sync_entry(route, lease=True)
+    try:
+        yield entry.client  # type: ignore[misc]
+    finally:
+        _cache.release(entry)
+
+
+@asynccontextmanager
+async def alease(route: Route) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The async client for `route` (aiohttp transport) on the running loop, leased."""
+    entry = _async_entry(route, lease=True)
+    try:
+        yield entry.client  # type: ignore[misc]
+    finally:
+        _cache.release(entry)
 
 
 def evict(credential_id: uuid.UUID | None = None) -> int:

@@ -158,13 +158,13 @@ def _complete(
     options: dict[str, Any],
 ) -> ChatResult:
     route = resolve_route(purpose, credential, user)
-    client = clients.get_client(route)
     try:
-        raw = client.chat.completions.with_raw_response.create(
-            model=model,
-            messages=list(messages),  # type: ignore[arg-type]
-            **options,
-        )
+        with clients.lease(route) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model=model,
+                messages=list(messages),  # type: ignore[arg-type]
+                **options,
+            )
     except SDK_ERRORS as error:
         raise from_sdk_error(error, route, model=model) from None
     result = _chat_result(raw, route)
@@ -181,13 +181,13 @@ async def _acomplete(
     options: dict[str, Any],
 ) -> ChatResult:
     route = resolve_route(purpose, credential, user)
-    client = clients.get_async_client(route)
     try:
-        raw = await client.chat.completions.with_raw_response.create(
-            model=model,
-            messages=list(messages),  # type: ignore[arg-type]
-            **options,
-        )
+        async with clients.alease(route) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=model,
+                messages=list(messages),  # type: ignore[arg-type]
+                **options,
+            )
     except SDK_ERRORS as error:
         raise from_sdk_error(error, route, model=model) from None
     result = _chat_result(raw, route)
@@ -248,11 +248,11 @@ def embed(
     user: Any = None,
 ) -> EmbeddingResult:
     route = resolve_route("embeddings", credential, user)
-    client = clients.get_client(route)
     try:
-        raw = client.embeddings.with_raw_response.create(
-            model=model, input=list(texts), encoding_format="float"
-        )
+        with clients.lease(route) as client:
+            raw = client.embeddings.with_raw_response.create(
+                model=model, input=list(texts), encoding_format="float"
+            )
     except SDK_ERRORS as error:
         raise from_sdk_error(error, route, model=model) from None
     result = _embedding_result(raw, route)
@@ -268,11 +268,11 @@ async def aembed(
     user: Any = None,
 ) -> EmbeddingResult:
     route = resolve_route("embeddings", credential, user)
-    client = clients.get_async_client(route)
     try:
-        raw = await client.embeddings.with_raw_response.create(
-            model=model, input=list(texts), encoding_format="float"
-        )
+        async with clients.alease(route) as client:
+            raw = await client.embeddings.with_raw_response.create(
+                model=model, input=list(texts), encoding_format="float"
+            )
     except SDK_ERRORS as error:
         raise from_sdk_error(error, route, model=model) from None
     result = _embedding_result(raw, route)
@@ -291,10 +291,10 @@ def list_models(
     `include_inactive` lets an admin test a credential before activating it.
     """
     route = resolve_route("chat", credential, user, allow_inactive=include_inactive)
-    client = clients.get_client(route)
     started = time.perf_counter()
     try:
-        page = client.models.list()
+        with clients.lease(route) as client:
+            page = client.models.list()
         models = sorted(str(model.id) for model in page.data)
     except SDK_ERRORS as error:
         raise from_sdk_error(error, route) from None
