@@ -3,8 +3,9 @@
     python bench/routing.py [--calls 2000] [--rounds 5] [--leak-calls 10000]
 
 (a) a pre-built, reused OpenAI client calling chat.completions.create;
-(b) llm.services.chat with a credential: resolution, decryption (a fresh model instance
-    per call, as a view would load it), the cached client, usage bookkeeping;
+(b) llm.services.chat with a credential: a fresh model instance per call (as a view
+    loads it: key still encrypted), resolution, decryption (memoized per token by
+    credentials.crypto), the cached client, last_used_at bookkeeping;
 (c) a new OpenAI client per call (the habit Keyroute replaces), closed after use.
 
 Rounds interleave a, b and c so that machine noise hits all three alike; the table
