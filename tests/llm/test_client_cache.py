@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ssl
 import threading
 import time
@@ -16,6 +17,8 @@ import uuid
 
 import openai
 import pytest
+from cryptography.fernet import Fernet
+from django.core.management import call_command
 
 import llm.clients
 import llm.services
@@ -25,7 +28,7 @@ from llm.clients import ClientCache, cache_stats, get_client, shared_ssl_context
 from llm.errors import LLMError
 from llm.routes import Route, resolve_route
 from llm.services import achat, chat
-from tests.conftest import GLOBAL_KEY
+from tests.conftest import GLOBAL_KEY, TEST_FERNET_KEY
 
 MODEL = "gpt-test-mini"
 OLD_KEY = "sk-test-fake-cache-old-1111"
@@ -155,6 +158,27 @@ def test_it_closes_the_clients_of_a_deleted_credential(credential_factory, upstr
     assert not kept_client.is_closed()
     assert cache_stats()["clients"] == 1
     assert chat(messages=HELLO, model=MODEL, credential=kept).text == "echo: hello"
+
+
+def test_it_closes_the_clients_of_rotated_credentials(
+    credential_factory, upstream, settings, django_capture_on_commit_callbacks
+):
+    rotated = credential_factory(title="Rotated", base_url=upstream.base_url, api_key=OLD_KEY)
+    chat(messages=HELLO, model=MODEL, credential=rotated)
+    client = get_client(resolve_route("chat", rotated))
+    settings.CREDENTIALS_ENCRYPTION_KEYS = [Fernet.generate_key().decode(), TEST_FERNET_KEY]
+    llm.services._touched.clear()
+    chat(messages=HELLO, model=MODEL, credential=rotated)  # setting change: a fresh client
+    client = get_client(resolve_route("chat", rotated))
+
+    with django_capture_on_commit_callbacks(execute=True):  # each batch commits
+        call_command("rotate_credential_keys", stdout=io.StringIO())
+
+    assert client.is_closed()
+    assert cache_stats()["clients"] == 0
+    reloaded = APIKeyCredentials.objects.get(pk=rotated.pk)
+    assert chat(messages=HELLO, model=MODEL, credential=reloaded).text == "echo: hello"
+    assert upstream.requests[-1].authorization == bearer(OLD_KEY)
 
 
 def test_it_lets_a_call_in_flight_finish_when_its_credential_is_renamed(transactional_db, upstream):
