@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n 2
 # Tools that import the settings but need no real secret and no local .env.
 TOOL_ENV := ENV_FILE=/dev/null SECRET_KEY=tooling-only-not-a-secret
 
-.PHONY: setup run test lint migrations clean
+.PHONY: setup browser run serve test lint migrations clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
+
+# Debian's Chromium for the browser tests (tests/browser), installed only when missing.
+# Playwright drives it; it never downloads a browser of its own. Root, or sudo when not.
+CHROMIUM := /usr/bin/chromium
+SUDO = $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
+
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "Installing Debian's chromium for the browser tests"; \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	}
 
 # Written once: a fresh SECRET_KEY and encryption key for this machine. Never committed.
 .env: | setup
@@ -29,12 +41,23 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	print("CREDENTIALS_ENCRYPTION_KEYS=" + Fernet.generate_key().decode())' > $@
 	@echo "Wrote .env with a new SECRET_KEY and CREDENTIALS_ENCRYPTION_KEYS: back it up."
 
+# Development: uvicorn (ASGI, like production, so chat answers stream) reloading on change.
 run: setup .env
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py ensure_admin
-	$(PY) manage.py runserver $(HOST):$(PORT)
+	@echo "Keyroute on http://$(HOST):$(PORT)/ (admin: http://$(HOST):$(PORT)/admin/)"
+	$(PY) -m uvicorn platform_site.asgi:application --host $(HOST) --port $(PORT) \
+	  --reload --reload-dir platform_site --reload-dir credentials --reload-dir llm
 
-test: setup
+# Production: see README "Production". Settings come from the environment (or .env).
+WORKERS ?= 2
+serve: setup
+	$(PY) manage.py migrate --no-input
+	$(PY) manage.py collectstatic --no-input --verbosity 0
+	$(PY) -m uvicorn platform_site.asgi:application --host $(HOST) --port $(PORT) \
+	  --workers $(WORKERS) --loop uvloop --http httptools --no-access-log --proxy-headers
+
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from django import forms
@@ -7,6 +8,8 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
@@ -84,6 +87,32 @@ class ExpiryFilter(admin.SimpleListFilter):
         return queryset
 
 
+def cost_chart(days: list[tuple[Any, Decimal]]) -> dict[str, Any]:
+    """Bars of daily cost for a small inline SVG: heights in pixels, with their labels."""
+    height, width = 60, 8
+    top = max((cost for _, cost in days), default=Decimal(0))
+    bars = []
+    for index, (day, cost) in enumerate(days):
+        bar_height = int(height * cost / top) if top else 0
+        bars.append(
+            {
+                "x": index * (width + 2),
+                "y": height - bar_height,
+                "height": bar_height,
+                "label": f"{day:%Y-%m-%d}: ${cost:.4f}",
+            }
+        )
+    return {
+        "bars": bars,
+        "width": len(days) * (width + 2),
+        "height": height,
+        "bar_width": width,
+        "top": top,
+        "first": days[0][0] if days else None,
+        "last": days[-1][0] if days else None,
+    }
+
+
 @admin.register(APIKeyCredentials)
 class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
     form = CredentialForm
@@ -102,11 +131,19 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
     list_select_related = ["owner"]
     autocomplete_fields = ["owner"]
     actions = ["test_connection", "activate", "deactivate"]
-    readonly_fields = ["effective_route", "key_display", "created_at", "updated_at", "last_used_at"]
+    readonly_fields = [
+        "effective_route",
+        "key_display",
+        "created_at",
+        "updated_at",
+        "last_used_at",
+        "usage",
+    ]
     fieldsets = [
         (None, {"fields": ["title", "provider", "owner", "is_active", "expires_at"]}),
         ("Route", {"fields": ["api_key", "base_url", "effective_route", "fallback"]}),
         ("History", {"fields": ["key_display", "created_at", "updated_at", "last_used_at"]}),
+        ("Usage", {"fields": ["usage"]}),
     ]
 
     @admin.display(description="owner", ordering="owner__username")
@@ -135,6 +172,22 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
         return (
             f"Chat and code: {public} (global default OPENAI_BASE_URL); embeddings: "
             f"{internal} (global default OPENAI_INTERNAL_BASE_URL); with this credential's key."
+        )
+
+    @admin.display(description="usage")
+    def usage(self, obj: APIKeyCredentials) -> str:
+        if obj._state.adding:
+            return "No calls yet."
+        from llm import usage  # the admin is a page: it may read usage through llm
+
+        return render_to_string(
+            "admin/credentials/usage.html",
+            {
+                "totals": usage.credential_totals(obj.pk),
+                "chart": cost_chart(usage.daily_cost(obj.pk)),
+                "records_url": reverse("admin:llm_usagerecord_changelist")
+                + f"?credential__id__exact={obj.pk}",
+            },
         )
 
     @admin.action(description="Test connection (GET /models with the credential's key)")

@@ -21,8 +21,7 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -278,24 +277,38 @@ def get_async_client(route: Route) -> openai.AsyncOpenAI:
     return client
 
 
-@contextmanager
-def lease(route: Route) -> Iterator[openai.OpenAI]:
-    """The sync client for `route`, kept open until the block ends even if evicted."""
-    entry = _sync_entry(route, lease=True)
-    try:
-        yield entry.client  # type: ignore[misc]
-    finally:
-        _cache.release(entry)
+class _Lease:
+    """Holds a client open until the block ends, even if it is evicted meanwhile.
+
+    A class, not a generator-based context manager: an abandoned async stream is
+    finalized by the garbage collector, and generator context managers finalized out of
+    order fail with "generator didn't stop after athrow()".
+    """
+
+    def __init__(self, entry: _Entry) -> None:
+        self.entry = entry
+
+    def __enter__(self) -> Any:
+        return self.entry.client
+
+    def __exit__(self, *exc: object) -> None:
+        _cache.release(self.entry)
+
+    async def __aenter__(self) -> Any:
+        return self.entry.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        _cache.release(self.entry)
 
 
-@asynccontextmanager
-async def alease(route: Route) -> AsyncIterator[openai.AsyncOpenAI]:
+def lease(route: Route) -> AbstractContextManager[openai.OpenAI]:
+    """The sync client for `route`, kept open until the `with` block ends."""
+    return _Lease(_sync_entry(route, lease=True))
+
+
+def alease(route: Route) -> AbstractAsyncContextManager[openai.AsyncOpenAI]:
     """The async client for `route` (aiohttp transport) on the running loop, leased."""
-    entry = _async_entry(route, lease=True)
-    try:
-        yield entry.client  # type: ignore[misc]
-    finally:
-        _cache.release(entry)
+    return _Lease(_async_entry(route, lease=True))
 
 
 def evict(credential_id: uuid.UUID | None = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from credentials.models import APIKeyCredentials
 from llm import clients
+from llm import usage as usage_records
 from llm.errors import SDK_ERRORS, LLMError, from_sdk_error, malformed_answer
 from llm.routes import Purpose, Route, resolve_route
 
@@ -149,6 +150,44 @@ def _code_messages(prompt: str) -> list[dict[str, str]]:
     ]
 
 
+class _Call:
+    """One call's bookkeeping: its route once resolved, its clock, its usage record."""
+
+    def __init__(
+        self, purpose: Purpose, model: str, credential: APIKeyCredentials | None, user: Any
+    ) -> None:
+        self.purpose, self.model, self.credential, self.user = purpose, model, credential, user
+        self.route: Route | None = None
+        self.started = time.perf_counter()
+
+    def resolve(self, *, allow_inactive: bool = False) -> Route:
+        self.route = resolve_route(
+            self.purpose, self.credential, self.user, allow_inactive=allow_inactive
+        )
+        return self.route
+
+    def fields(
+        self, outcome: str, result: ChatResult | EmbeddingResult | None = None
+    ) -> dict[str, Any]:
+        user = self.user
+        usage = result.usage if result else Usage()
+        cost = result.cost_usd if isinstance(result, ChatResult) else None
+        return {
+            "credential_id": self.credential.pk if self.credential else None,
+            "user_id": user.pk if user is not None and user.is_authenticated else None,
+            "purpose": self.purpose,
+            "model": (result.model if result and result.model else self.model)[:200],
+            "route_source": self.route.source if self.route else "",
+            "route_host": self.route.host if self.route else "",
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "cost_usd": usage_records.as_decimal(cost),
+            "latency_ms": (time.perf_counter() - self.started) * 1000,
+            "outcome": outcome,
+        }
+
+
 def _complete(
     purpose: Purpose,
     messages: Sequence[dict[str, Any]],
@@ -157,17 +196,23 @@ def _complete(
     user: Any,
     options: dict[str, Any],
 ) -> ChatResult:
-    route = resolve_route(purpose, credential, user)
+    call = _Call(purpose, model, credential, user)
     try:
-        with clients.lease(route) as client:
-            raw = client.chat.completions.with_raw_response.create(
-                model=model,
-                messages=list(messages),  # type: ignore[arg-type]
-                **options,
-            )
-    except SDK_ERRORS as error:
-        raise from_sdk_error(error, route, model=model) from None
-    result = _chat_result(raw, route)
+        route = call.resolve()
+        try:
+            with clients.lease(route) as client:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=model,
+                    messages=list(messages),  # type: ignore[arg-type]
+                    **options,
+                )
+        except SDK_ERRORS as error:
+            raise from_sdk_error(error, route, model=model) from None
+        result = _chat_result(raw, route)
+    except LLMError as error:
+        usage_records.record(**call.fields(type(error).__name__))
+        raise
+    usage_records.record(**call.fields("ok", result))
     _touch(credential)
     return result
 
@@ -180,19 +225,84 @@ async def _acomplete(
     user: Any,
     options: dict[str, Any],
 ) -> ChatResult:
-    route = resolve_route(purpose, credential, user)
+    call = _Call(purpose, model, credential, user)
     try:
-        async with clients.alease(route) as client:
-            raw = await client.chat.completions.with_raw_response.create(
-                model=model,
-                messages=list(messages),  # type: ignore[arg-type]
-                **options,
-            )
-    except SDK_ERRORS as error:
-        raise from_sdk_error(error, route, model=model) from None
-    result = _chat_result(raw, route)
+        route = call.resolve()
+        try:
+            async with clients.alease(route) as client:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=model,
+                    messages=list(messages),  # type: ignore[arg-type]
+                    **options,
+                )
+        except SDK_ERRORS as error:
+            raise from_sdk_error(error, route, model=model) from None
+        result = _chat_result(raw, route)
+    except LLMError as error:
+        await usage_records.arecord(**call.fields(type(error).__name__))
+        raise
+    await usage_records.arecord(**call.fields("ok", result))
     await _atouch(credential)
     return result
+
+
+async def astream_chat(
+    *,
+    messages: Sequence[dict[str, Any]],
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    **options: Any,
+) -> AsyncIterator[str | ChatResult]:
+    """A chat completion as it is generated: text pieces, then the ChatResult.
+
+    A failure before or during the stream raises LLMError; a stream abandoned by its
+    reader is recorded as "Cancelled".
+    """
+    call = _Call("chat", model, credential, user)
+    outcome = "Cancelled"
+    try:
+        route = call.resolve()
+        pieces: list[str] = []
+        usage, seen_model, cost = Usage(), model, None
+        try:
+            async with (
+                clients.alease(route) as client,
+                client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+                    model=model,
+                    messages=list(messages),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **options,
+                ) as response,
+            ):
+                cost = _cost(response.headers)
+                async for chunk in await response.parse():
+                    seen_model = chunk.model or seen_model
+                    if chunk.usage:
+                        usage = _usage(chunk)
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            pieces.append(choice.delta.content)
+                            yield choice.delta.content
+        except SDK_ERRORS as error:
+            raise from_sdk_error(error, route, model=model) from None
+        except (ValueError, TypeError, AttributeError, KeyError):
+            raise malformed_answer(route) from None
+        result = ChatResult(
+            text="".join(pieces), model=seen_model, usage=usage, route=_info(route), cost_usd=cost
+        )
+        outcome = "ok"
+        await usage_records.arecord(**call.fields("ok", result))
+        await _atouch(credential)
+        yield result
+    except LLMError as error:
+        outcome = type(error).__name__
+        await usage_records.arecord(**call.fields(outcome))
+        raise
+    finally:
+        if outcome == "Cancelled":
+            usage_records.record_soon(**call.fields(outcome))
 
 
 def chat(
@@ -247,15 +357,21 @@ def embed(
     credential: APIKeyCredentials | None = None,
     user: Any = None,
 ) -> EmbeddingResult:
-    route = resolve_route("embeddings", credential, user)
+    call = _Call("embeddings", model, credential, user)
     try:
-        with clients.lease(route) as client:
-            raw = client.embeddings.with_raw_response.create(
-                model=model, input=list(texts), encoding_format="float"
-            )
-    except SDK_ERRORS as error:
-        raise from_sdk_error(error, route, model=model) from None
-    result = _embedding_result(raw, route)
+        route = call.resolve()
+        try:
+            with clients.lease(route) as client:
+                raw = client.embeddings.with_raw_response.create(
+                    model=model, input=list(texts), encoding_format="float"
+                )
+        except SDK_ERRORS as error:
+            raise from_sdk_error(error, route, model=model) from None
+        result = _embedding_result(raw, route)
+    except LLMError as error:
+        usage_records.record(**call.fields(type(error).__name__))
+        raise
+    usage_records.record(**call.fields("ok", result))
     _touch(credential)
     return result
 
@@ -267,17 +383,32 @@ async def aembed(
     credential: APIKeyCredentials | None = None,
     user: Any = None,
 ) -> EmbeddingResult:
-    route = resolve_route("embeddings", credential, user)
+    call = _Call("embeddings", model, credential, user)
     try:
-        async with clients.alease(route) as client:
-            raw = await client.embeddings.with_raw_response.create(
-                model=model, input=list(texts), encoding_format="float"
-            )
-    except SDK_ERRORS as error:
-        raise from_sdk_error(error, route, model=model) from None
-    result = _embedding_result(raw, route)
+        route = call.resolve()
+        try:
+            async with clients.alease(route) as client:
+                raw = await client.embeddings.with_raw_response.create(
+                    model=model, input=list(texts), encoding_format="float"
+                )
+        except SDK_ERRORS as error:
+            raise from_sdk_error(error, route, model=model) from None
+        result = _embedding_result(raw, route)
+    except LLMError as error:
+        await usage_records.arecord(**call.fields(type(error).__name__))
+        raise
+    await usage_records.arecord(**call.fields("ok", result))
     await _atouch(credential)
     return result
+
+
+def _model_list(page: Any, route: Route, started: float) -> ModelList:
+    try:
+        models = sorted(str(model.id) for model in page.data)
+    except (ValueError, TypeError, AttributeError, KeyError):
+        raise malformed_answer(route) from None
+    latency = (time.perf_counter() - started) * 1000
+    return ModelList(models=models, latency_ms=latency, route=_info(route))
 
 
 def list_models(
@@ -288,21 +419,31 @@ def list_models(
 ) -> ModelList:
     """GET {base}/models with the credential's key: the admin's connection test.
 
-    `include_inactive` lets an admin test a credential before activating it.
+    `include_inactive` lets an admin test a credential before activating it. Listing
+    models is not a usage of the credential: it writes no usage record.
     """
     route = resolve_route("chat", credential, user, allow_inactive=include_inactive)
     started = time.perf_counter()
     try:
         with clients.lease(route) as client:
             page = client.models.list()
-        models = sorted(str(model.id) for model in page.data)
     except SDK_ERRORS as error:
         raise from_sdk_error(error, route) from None
-    except (ValueError, TypeError, AttributeError, KeyError):
-        raise malformed_answer(route) from None
-    return ModelList(
-        models=models, latency_ms=(time.perf_counter() - started) * 1000, route=_info(route)
-    )
+    return _model_list(page, route, started)
+
+
+async def alist_models(
+    *, credential: APIKeyCredentials | None = None, user: Any = None
+) -> ModelList:
+    """The models the credential's key may use (the playground's suggestions)."""
+    route = resolve_route("chat", credential, user)
+    started = time.perf_counter()
+    try:
+        async with clients.alease(route) as client:
+            page = await client.models.list()
+    except SDK_ERRORS as error:
+        raise from_sdk_error(error, route) from None
+    return _model_list(page, route, started)
 
 
 __all__ = [
@@ -315,6 +456,8 @@ __all__ = [
     "achat",
     "aembed",
     "agenerate_code",
+    "alist_models",
+    "astream_chat",
     "chat",
     "embed",
     "generate_code",

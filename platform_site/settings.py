@@ -153,6 +153,8 @@ LLM_TIMEOUT_SECONDS = _number("LLM_TIMEOUT_SECONDS", 60)
 LLM_CONNECT_TIMEOUT_SECONDS = _number("LLM_CONNECT_TIMEOUT_SECONDS", 5)
 LLM_MAX_RETRIES = int(_number("LLM_MAX_RETRIES", 2, integer=True))
 LLM_TRUST_ENV_PROXY = _bool("LLM_TRUST_ENV_PROXY", False)
+LLM_USAGE_FLUSH_SECONDS = _number("LLM_USAGE_FLUSH_SECONDS", 1.0)
+LLM_USAGE_BUFFER_SIZE = max(1, int(_number("LLM_USAGE_BUFFER_SIZE", 10000, integer=True)))
 LLM_CLIENT_CACHE_SIZE = max(1, int(_number("LLM_CLIENT_CACHE_SIZE", 256, integer=True)))
 LLM_FAILOVER_BASE_URL = _base_url("LLM_FAILOVER_BASE_URL", "")
 LLM_FAILOVER_API_KEY = _str("LLM_FAILOVER_API_KEY")
@@ -170,6 +172,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -185,7 +188,7 @@ ASGI_APPLICATION = "platform_site.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "platform_site" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -246,6 +249,17 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# whitenoise serves the collected static files (the admin's) under ASGI in production.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# In development whitenoise serves static files straight from the apps.
+WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_AUTOREFRESH = DEBUG
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "playground"
+LOGOUT_REDIRECT_URL = "login"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LOGGING = {

@@ -7,7 +7,6 @@ many connections the server sees, whether an old client's connections were close
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import ssl
@@ -17,6 +16,7 @@ import uuid
 
 import openai
 import pytest
+from asgiref.sync import async_to_sync
 from cryptography.fernet import Fernet
 from django.core.management import call_command
 
@@ -292,7 +292,7 @@ def test_it_leaks_no_client_when_two_threads_build_the_same_route_at_once(upstre
 # ---- async clients --------------------------------------------------------------------
 
 
-def test_it_gives_each_event_loop_its_own_async_client(global_route):
+def test_it_gives_each_event_loop_its_own_async_client(db, global_route):
     upstream = global_route
     before = cache_stats()
 
@@ -306,9 +306,9 @@ def test_it_gives_each_event_loop_its_own_async_client(global_route):
         finally:
             await llm.clients.aclose_loop_clients()
 
-    first = asyncio.run(one_run(1))
+    first = async_to_sync(one_run)(1)
     after_first = cache_stats()
-    second = asyncio.run(one_run(2))
+    second = async_to_sync(one_run)(2)
 
     assert (first, second) == ("echo: run 1", "echo: run 2")
     assert after_first["builds"] - before["builds"] == 1
@@ -319,7 +319,7 @@ def test_it_gives_each_event_loop_its_own_async_client(global_route):
     assert [r.authorization for r in upstream.requests] == [bearer(GLOBAL_KEY)] * 2
 
 
-def test_it_shares_the_async_client_within_one_loop(global_route):
+def test_it_shares_the_async_client_within_one_loop(db, global_route):
     upstream = global_route
     before = cache_stats()["builds"]
 
@@ -330,7 +330,7 @@ def test_it_shares_the_async_client_within_one_loop(global_route):
         finally:
             await llm.clients.aclose_loop_clients()
 
-    texts = asyncio.run(main())
+    texts = async_to_sync(main)()
 
     assert texts == ["echo: hello"] * 20
     assert cache_stats()["builds"] - before == 1
@@ -370,7 +370,7 @@ def test_it_does_not_follow_a_redirect_with_the_key_from_async_calls(
             await llm.clients.aclose_loop_clients()
 
     with pytest.raises(LLMError):
-        asyncio.run(main())
+        async_to_sync(main)()
 
     assert len(proxy.requests) == 1
     assert elsewhere.requests == []

@@ -7,7 +7,6 @@ message, the repr, the traceback, nor any log record down to DEBUG.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -16,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from cryptography.fernet import Fernet
 from django.utils import timezone
 
@@ -59,7 +59,7 @@ def call(service, *, model="gpt-test-mini", **kwargs):
         finally:
             await clients.aclose_loop_clients()
 
-    return asyncio.run(run())
+    return async_to_sync(run)()
 
 
 def failure(service, **kwargs) -> LLMError:
@@ -287,7 +287,7 @@ def test_it_gives_up_on_a_silent_upstream_within_the_time_budget(
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_it_refuses_the_global_default_without_a_key(service, settings, upstream, logs):
+def test_it_refuses_the_global_default_without_a_key(db, service, settings, upstream, logs):
     # Embeddings use the internal default. The other default's key is set: it must not show.
     missing, other = ("OPENAI_API_KEY", "OPENAI_INTERNAL_API_KEY")
     if service.endswith("embed"):

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from llm.routes import PURPOSES
+
+
+class UsageRecord(models.Model):
+    """One call through llm.services, successful or not. Holds no key and no prompt."""
+
+    credential = models.ForeignKey(
+        "credentials.APIKeyCredentials",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="usage_records",
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="llm_usage_records",
+    )
+    purpose = models.CharField(max_length=20, choices=[(p, p) for p in PURPOSES])
+    model = models.CharField(max_length=200, blank=True)
+    route_source = models.CharField(max_length=20, blank=True)
+    route_host = models.CharField(max_length=255, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    total_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    latency_ms = models.FloatField(default=0)
+    outcome = models.CharField(max_length=40, default="ok", help_text="ok, or the error's class")
+    failed_over = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["credential", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.purpose} {self.model} via {self.route_host or '?'}: {self.outcome}"
+
+
+class PlaygroundChoice(models.Model):
+    """What a user last chose in the playground, to offer it again."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="playground_choice"
+    )
+    credential = models.ForeignKey(
+        "credentials.APIKeyCredentials", null=True, blank=True, on_delete=models.SET_NULL
+    )
+    purpose = models.CharField(max_length=20, default="chat")
+    model = models.CharField(max_length=200, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.user}: {self.purpose} {self.model}"

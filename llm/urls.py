@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from llm import views
+
+urlpatterns = [
+    path("llm/", views.playground, name="playground"),
+    path("llm/send", views.playground_send, name="playground-send"),
+    path("api/llm/credentials", views.credentials_api, name="api-credentials"),
+    path("api/llm/chat", views.chat_api, name="api-chat"),
+    path("api/llm/embeddings", views.embeddings_api, name="api-embeddings"),
+    path("api/llm/models", views.models_api, name="api-models"),
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+]

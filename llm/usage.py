@@ -1,0 +1,164 @@
+"""Usage records: one per call, written without slowing the call down.
+
+Records go into a bounded in-memory buffer that a background thread writes in bulk
+every LLM_USAGE_FLUSH_SECONDS (and at process exit). A crash (SIGKILL, power loss)
+loses at most the records of the last interval; when the database cannot keep up and
+the buffer holds LLM_USAGE_BUFFER_SIZE records, the oldest are dropped and counted in
+a warning. With LLM_USAGE_FLUSH_SECONDS=0 every record is written as the call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+import time
+from collections import deque
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from llm.models import UsageRecord
+
+log = logging.getLogger(__name__)
+
+
+class UsageBuffer:
+    def __init__(self, *, maxsize: int, interval: float) -> None:
+        self.maxsize = maxsize
+        self.interval = interval
+        self.dropped = 0
+        self._records: deque[UsageRecord] = deque()
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, record: UsageRecord) -> None:
+        with self._lock:
+            if len(self._records) >= self.maxsize:
+                self._records.popleft()
+                self.dropped += 1
+            self._records.append(record)
+            if self._thread is None:
+                self._start()
+
+    def flush(self) -> int:
+        """Write what the buffer holds; returns how many records were written."""
+        with self._flush_lock:
+            with self._lock:
+                records = list(self._records)
+                self._records.clear()
+                dropped, self.dropped = self.dropped, 0
+            if dropped:
+                log.warning("Usage buffer full: %d usage records were dropped.", dropped)
+            if records:
+                try:
+                    UsageRecord.objects.bulk_create(records, batch_size=500)
+                except Exception:
+                    log.exception("Could not write %d usage records.", len(records))
+                    return 0
+            return len(records)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="usage-flusher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush()
+            close_old_connections()
+
+
+_buffer = UsageBuffer(
+    maxsize=settings.LLM_USAGE_BUFFER_SIZE, interval=settings.LLM_USAGE_FLUSH_SECONDS or 1.0
+)
+atexit.register(_buffer.flush)
+
+
+def _buffered() -> bool:
+    return bool(settings.LLM_USAGE_FLUSH_SECONDS)
+
+
+def record(**fields: Any) -> UsageRecord | None:
+    """Record one call (from sync code)."""
+    usage = UsageRecord(**fields)
+    if _buffered():
+        _buffer.add(usage)
+        return None
+    usage.save()
+    return usage
+
+
+async def arecord(**fields: Any) -> UsageRecord | None:
+    """Record one call (from async code): never blocks the event loop on the database."""
+    usage = UsageRecord(**fields)
+    if _buffered():
+        _buffer.add(usage)
+        return None
+    await usage.asave()
+    return usage
+
+
+def record_soon(**fields: Any) -> None:
+    """Record from where awaiting is not possible (a stream abandoned by its reader)."""
+    usage = UsageRecord(**fields)
+    if _buffered():
+        _buffer.add(usage)
+        return
+    task = asyncio.get_running_loop().create_task(usage.asave())
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+_pending: set[asyncio.Task[None]] = set()
+
+
+def flush() -> int:
+    return _buffer.flush()
+
+
+def as_decimal(cost: float | None) -> Decimal | None:
+    return None if cost is None else Decimal(str(cost))
+
+
+PERIODS = {"24 h": timedelta(hours=24), "7 days": timedelta(days=7), "30 days": timedelta(days=30)}
+
+
+def credential_totals(credential_id: Any) -> list[dict[str, Any]]:
+    """Calls, tokens and cost of one credential over the last 24 h, 7 and 30 days."""
+    now = timezone.now()
+    rows = []
+    for label, period in PERIODS.items():
+        totals = UsageRecord.objects.filter(
+            credential_id=credential_id, created_at__gte=now - period
+        ).aggregate(calls=Count("id"), tokens=Sum("total_tokens"), cost=Sum("cost_usd"))
+        rows.append({"period": label, **totals, "tokens": totals["tokens"] or 0})
+    return rows
+
+
+def daily_cost(credential_id: Any, days: int = 30) -> list[tuple[Any, Decimal]]:
+    """(date, cost) for each of the last `days` days, oldest first, zeros included."""
+    today = timezone.localdate()
+    start = today - timedelta(days=days - 1)
+    found = dict(
+        UsageRecord.objects.filter(credential_id=credential_id, created_at__date__gte=start)
+        .annotate(day=TruncDate("created_at"))
+        .values_list("day")
+        .annotate(cost=Sum("cost_usd"))
+        .values_list("day", "cost")
+    )
+    return [
+        (day, found.get(day) or Decimal(0))
+        for day in (start + timedelta(days=n) for n in range(days))
+    ]

@@ -1,0 +1,295 @@
+"""Pages and the JSON API. Views parse, call one service, answer; all async.
+
+Failures answer with the status and sentence of their LLMError (or a 400 with field
+errors for bad input, 401 when not signed in, 404 for a credential the user may not
+use), never with a 500 page or the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from functools import wraps
+from typing import Any, cast
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
+from django.db import connection
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET, require_POST
+
+from credentials.models import APIKeyCredentials
+from credentials.selectors import ausable_credential, usable_credentials
+from llm import services
+from llm.errors import LLMError, RateLimited
+from llm.models import PlaygroundChoice
+from llm.requests import InvalidRequest, chat_request, embeddings_request, parse_json
+
+log = logging.getLogger(__name__)
+View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
+NO_SUCH_CREDENTIAL = "No such credential: choose one of your own or a shared one."
+
+
+def error_response(
+    message: str, status: int, *, kind: str, fields: dict[str, list[str]] | None = None
+) -> JsonResponse:
+    error: dict[str, Any] = {"message": message, "type": kind}
+    if fields:
+        error["fields"] = fields
+    return JsonResponse({"error": error}, status=status)
+
+
+def llm_error_response(error: LLMError) -> JsonResponse:
+    response = error_response(error.message, error.status, kind=type(error).__name__)
+    if isinstance(error, RateLimited) and error.retry_after is not None:
+        response["Retry-After"] = str(round(error.retry_after))
+    return response
+
+
+def api(view: View) -> View:
+    """Session auth answering 401 JSON (not a redirect); errors as JSON with their status."""
+
+    @wraps(view)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        user = await request.auser()
+        if not user.is_authenticated:
+            return error_response(
+                "Sign in first: this API uses the site's session.", 401, kind="NotAuthenticated"
+            )
+        try:
+            return await view(request, user, *args, **kwargs)
+        except InvalidRequest as error:
+            return error_response(error.message, 400, kind="InvalidRequest", fields=error.fields)
+        except LLMError as error:
+            return llm_error_response(error)
+
+    return wrapper
+
+
+async def credential_for(user: Any, credential_id: str | None) -> APIKeyCredentials | None:
+    """The chosen credential, None for the global default; 404 if not the user's to use."""
+    if credential_id is None:
+        return None
+    credential = await ausable_credential(user, credential_id)
+    if credential is None:
+        raise LLMError(NO_SUCH_CREDENTIAL, status=404)
+    return credential
+
+
+def credential_json(credential: APIKeyCredentials) -> dict[str, Any]:
+    host = credential.base_url.split("://", 1)[-1].split("/", 1)[0] if credential.base_url else ""
+    return {
+        "id": str(credential.pk),
+        "title": credential.title,
+        "provider": credential.provider,
+        "host": host or settings.OPENAI_BASE_URL.split("://", 1)[-1].split("/", 1)[0],
+        "key_hint": credential.key_hint,
+        "shared": credential.owner_id is None,
+    }
+
+
+def result_json(result: services.ChatResult | services.EmbeddingResult) -> dict[str, Any]:
+    usage = result.usage
+    body: dict[str, Any] = {
+        "model": result.model,
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        },
+        "route": {"source": result.route.source, "host": result.route.host},
+    }
+    if isinstance(result, services.ChatResult):
+        body.update(text=result.text, cost=result.cost_usd)
+    else:
+        body.update(vectors=result.vectors)
+    return body
+
+
+# ---- JSON API --------------------------------------------------------------------------
+
+
+@require_GET
+@api
+async def credentials_api(request: HttpRequest, user: Any) -> HttpResponseBase:
+    credentials = [credential_json(c) async for c in usable_credentials(user)]
+    return JsonResponse(
+        {"credentials": credentials, "global_default": bool(settings.OPENAI_API_KEY)}
+    )
+
+
+@require_POST
+@api
+async def chat_api(request: HttpRequest, user: Any) -> HttpResponseBase:
+    chat = chat_request(parse_json(request.body))
+    credential = await credential_for(user, chat.credential)
+    if chat.stream:
+        stream = services.astream_chat(
+            messages=chat.messages,
+            model=chat.model,
+            credential=credential,
+            user=user,
+            **chat.options,
+        )
+        return await event_stream(stream)
+    result = await services.achat(
+        messages=chat.messages, model=chat.model, credential=credential, user=user, **chat.options
+    )
+    return JsonResponse(result_json(result))
+
+
+@require_POST
+@api
+async def embeddings_api(request: HttpRequest, user: Any) -> HttpResponseBase:
+    embeddings = embeddings_request(parse_json(request.body))
+    credential = await credential_for(user, embeddings.credential)
+    result = await services.aembed(
+        texts=embeddings.texts, model=embeddings.model, credential=credential, user=user
+    )
+    return JsonResponse(result_json(result))
+
+
+@require_GET
+@api
+async def models_api(request: HttpRequest, user: Any) -> HttpResponseBase:
+    credential = await credential_for(user, request.GET.get("credential") or None)
+    listing = await services.alist_models(credential=credential, user=user)
+    return JsonResponse({"models": listing.models})
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+async def event_stream(stream: AsyncIterator[str | services.ChatResult]) -> HttpResponseBase:
+    """Server-sent events: {"delta"} pieces, then a "done" event with the whole result.
+
+    The first piece is awaited before answering, so that a failure to start (proxy down,
+    key rejected) gets its own status code rather than a 200 with an error event.
+    """
+    try:
+        first = await anext(stream)
+    except LLMError as error:
+        return llm_error_response(error)
+
+    async def events() -> AsyncIterator[bytes]:
+        item: str | services.ChatResult | None = first
+        try:
+            while item is not None:
+                if isinstance(item, services.ChatResult):
+                    yield sse(result_json(item), event="done")
+                else:
+                    yield sse({"delta": item})
+                item = await anext(stream, None)
+        except LLMError as error:
+            kind = type(error).__name__
+            yield sse({"error": {"message": error.message, "type": kind}}, event="error")
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass events on as they come
+    return response
+
+
+# ---- the playground --------------------------------------------------------------------
+
+
+@login_required
+async def playground(request: HttpRequest) -> HttpResponseBase:
+    user = await request.auser()
+    credentials = [credential_json(c) async for c in usable_credentials(user)]
+    choice = await PlaygroundChoice.objects.filter(user_id=cast(int, user.pk)).afirst()
+    remembered = {
+        "credential": str(choice.credential_id) if choice and choice.credential_id else "",
+        "purpose": choice.purpose if choice else "chat",
+        "model": choice.model if choice else "",
+    }
+    context = {
+        "credentials": credentials,
+        "global_default": bool(settings.OPENAI_API_KEY),
+        "remembered": remembered,
+        "purposes": ["chat", "code", "embeddings"],
+    }
+    return await sync_to_async(render)(request, "llm/playground.html", context)
+
+
+@require_POST
+@api
+async def playground_send(request: HttpRequest, user: Any) -> HttpResponseBase:
+    """What the playground's Send button posts: remembers the choice, then calls."""
+    data = parse_json(request.body)
+    purpose = data.pop("purpose", "chat")
+    prompt = data.pop("prompt", "")
+    if purpose not in ("chat", "code", "embeddings"):
+        raise InvalidRequest("Choose a purpose.", {"purpose": ["Use chat, code or embeddings."]})
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("Write a prompt first.", {"prompt": ["Write a prompt first."]})
+    if purpose == "embeddings":
+        request_ = embeddings_request({**data, "input": prompt})
+        credential = await credential_for(user, request_.credential)
+        await remember(user, credential, purpose, request_.model)
+        result = await services.aembed(
+            texts=request_.texts, model=request_.model, credential=credential, user=user
+        )
+        return JsonResponse(result_json(result))
+    chat = chat_request({**data, "messages": [{"role": "user", "content": prompt}]})
+    credential = await credential_for(user, chat.credential)
+    await remember(user, credential, purpose, chat.model)
+    if purpose == "code":
+        code = await services.agenerate_code(
+            prompt=prompt, model=chat.model, credential=credential, user=user, **chat.options
+        )
+        return JsonResponse(result_json(code))
+    stream = services.astream_chat(
+        messages=chat.messages, model=chat.model, credential=credential, user=user, **chat.options
+    )
+    return await event_stream(stream)
+
+
+async def remember(
+    user: Any, credential: APIKeyCredentials | None, purpose: str, model: str
+) -> None:
+    await PlaygroundChoice.objects.aupdate_or_create(
+        user=user, defaults={"credential": credential, "purpose": purpose, "model": model}
+    )
+
+
+# ---- probes ----------------------------------------------------------------------------
+
+
+async def healthz(request: HttpRequest) -> HttpResponseBase:
+    """The process answers: no database, no cache, no upstream."""
+    return JsonResponse({"status": "ok"})
+
+
+async def readyz(request: HttpRequest) -> HttpResponseBase:
+    """The database and the cache answer."""
+    problems = await sync_to_async(_readiness_problems)()
+    if problems:
+        return JsonResponse({"status": "unavailable", "problems": problems}, status=503)
+    return JsonResponse({"status": "ok"})
+
+
+def _readiness_problems() -> list[str]:
+    problems = []
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception:
+        log.exception("Readiness: the database does not answer.")
+        problems.append("The database does not answer.")
+    try:
+        cache.set("keyroute:readyz", "1", 5)
+        if cache.get("keyroute:readyz") != "1":
+            problems.append("The cache does not keep values.")
+    except Exception:
+        log.exception("Readiness: the cache does not answer.")
+        problems.append("The cache does not answer.")
+    return problems
