@@ -120,7 +120,8 @@ def run(args: argparse.Namespace, base_url: str) -> None:
 
     from credentials.fields import EncryptedSecret
     from credentials.models import APIKeyCredentials
-    from llm import services
+    from llm import services, usage
+    from llm.models import UsageRecord
 
     credential = APIKeyCredentials(title="Bench", api_key=KEY, base_url=base_url)
     credential.full_clean()
@@ -179,6 +180,8 @@ def run(args: argparse.Namespace, base_url: str) -> None:
     print(f"  open file descriptors {fds_before} -> {fds_after} (target: flat)")
     reused.close()
     assert load().api_key.get_secret_value() == KEY  # (b) really decrypts per call
+    written = usage.flush()  # before the temporary database goes away
+    print(f"  usage records written by the buffer: {UsageRecord.objects.count()} (last flush {written})")
 
 
 if __name__ == "__main__":
