@@ -17,8 +17,15 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
+from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
-from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 
@@ -135,7 +142,7 @@ async def chat_api(request: HttpRequest, user: Any) -> HttpResponseBase:
             user=user,
             **chat.options,
         )
-        return await event_stream(stream)
+        return await event_stream(request, stream)
     result = await services.achat(
         messages=chat.messages, model=chat.model, credential=credential, user=user, **chat.options
     )
@@ -166,11 +173,15 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {json.dumps(data)}\n\n".encode()
 
 
-async def event_stream(stream: AsyncIterator[str | services.ChatResult]) -> HttpResponseBase:
+async def event_stream(
+    request: HttpRequest, stream: AsyncIterator[str | services.ChatResult]
+) -> HttpResponseBase:
     """Server-sent events: {"delta"} pieces, then a "done" event with the whole result.
 
     The first piece is awaited before answering, so that a failure to start (proxy down,
     key rejected) gets its own status code rather than a 200 with an error event.
+    Under WSGI the events are collected first and sent at once: a WSGI server would read
+    the rest of the stream on another event loop than the one its connection lives on.
     """
     try:
         first = await anext(stream)
@@ -192,6 +203,9 @@ async def event_stream(stream: AsyncIterator[str | services.ChatResult]) -> Http
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
+    if not isinstance(request, ASGIRequest):
+        body = b"".join([chunk async for chunk in events()])
+        return HttpResponse(body, content_type="text/event-stream")
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events on as they come
@@ -250,7 +264,7 @@ async def playground_send(request: HttpRequest, user: Any) -> HttpResponseBase:
     stream = services.astream_chat(
         messages=chat.messages, model=chat.model, credential=credential, user=user, **chat.options
     )
-    return await event_stream(stream)
+    return await event_stream(request, stream)
 
 
 async def remember(
