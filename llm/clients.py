@@ -79,6 +79,11 @@ class _Entry:
     retired: bool = False  # out of the cache; closed once in_use drops to 0
 
 
+def _loop_gone(loop: weakref.ref[asyncio.AbstractEventLoop]) -> bool:
+    alive = loop()
+    return alive is None or alive.is_closed()
+
+
 class ClientCache:
     """A bounded, thread-safe LRU of clients.
 
@@ -133,6 +138,10 @@ class ClientCache:
                 if current is not None:  # a client of a loop that is gone, under a reused id
                     retired.append(self._entries.pop(key))
                 self._entries[key] = entry
+                # Clients of event loops that are gone (a loop per request under WSGI or
+                # asyncio.run) can never be used again.
+                dead = [k for k, e in self._entries.items() if e.loop and _loop_gone(e.loop)]
+                retired.extend(self._entries.pop(k) for k in dead)
                 while len(self._entries) > self.maxsize:
                     retired.append(self._entries.popitem(last=False)[1])
         if isinstance(spare, openai.OpenAI):

@@ -16,6 +16,9 @@ MAX_INPUTS = 2048
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+TOO_BIG = f"The request body is larger than {MAX_BODY_BYTES // 1024} KB."
+
+
 class InvalidRequest(Exception):
     def __init__(self, message: str, fields: dict[str, list[str]] | None = None) -> None:
         super().__init__(message)
@@ -87,7 +90,7 @@ class _Fields:
 
 def parse_json(body: bytes) -> dict[str, Any]:
     if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"The request body is larger than {MAX_BODY_BYTES // 1024} KB.")
+        raise InvalidRequest(TOO_BIG)
     try:
         data = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError):
@@ -105,6 +108,7 @@ def _messages(fields: _Fields) -> list[dict[str, Any]]:
     if len(messages) > MAX_MESSAGES:
         fields.add("messages", f"At most {MAX_MESSAGES} messages are accepted.")
         return []
+    valid = []
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
             fields.add("messages", f"Message {number} must be an object with role and content.")
@@ -112,7 +116,9 @@ def _messages(fields: _Fields) -> list[dict[str, Any]]:
             fields.add("messages", f"Message {number} needs a role: one of {', '.join(ROLES)}.")
         elif not isinstance(message.get("content"), str):
             fields.add("messages", f"Message {number} needs its content as a string.")
-    return [{"role": m["role"], "content": m["content"]} for m in messages if isinstance(m, dict)]
+        else:
+            valid.append({"role": message["role"], "content": message["content"]})
+    return valid
 
 
 def chat_request(data: dict[str, Any]) -> ChatRequest:

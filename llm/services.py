@@ -58,6 +58,7 @@ class EmbeddingResult:
     model: str
     usage: Usage
     route: RouteInfo
+    cost_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,13 @@ def _embedding_result(raw: Any, route: Route) -> EmbeddingResult:
         model = str(response.model or "")
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
         raise malformed_answer(route) from None
-    return EmbeddingResult(vectors=vectors, model=model, usage=_usage(response), route=_info(route))
+    return EmbeddingResult(
+        vectors=vectors,
+        model=model,
+        usage=_usage(response),
+        route=_info(route),
+        cost_usd=_cost(raw.headers),
+    )
 
 
 def _due(credential: APIKeyCredentials | None) -> bool:
@@ -171,7 +178,7 @@ class _Call:
     ) -> dict[str, Any]:
         user = self.user
         usage = result.usage if result else Usage()
-        cost = result.cost_usd if isinstance(result, ChatResult) else None
+        cost = result.cost_usd if result else None
         return {
             "credential_id": self.credential.pk if self.credential else None,
             "user_id": user.pk if user is not None and user.is_authenticated else None,

@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
+from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
 from django.http import (
@@ -34,7 +35,7 @@ from credentials.selectors import ausable_credential, usable_credentials
 from llm import services
 from llm.errors import LLMError, RateLimited
 from llm.models import PlaygroundChoice
-from llm.requests import InvalidRequest, chat_request, embeddings_request, parse_json
+from llm.requests import TOO_BIG, InvalidRequest, chat_request, embeddings_request, parse_json
 
 log = logging.getLogger(__name__)
 View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
@@ -71,6 +72,8 @@ def api(view: View) -> View:
             return await view(request, user, *args, **kwargs)
         except InvalidRequest as error:
             return error_response(error.message, 400, kind="InvalidRequest", fields=error.fields)
+        except RequestDataTooBig:
+            return error_response(TOO_BIG, 400, kind="InvalidRequest")
         except LLMError as error:
             return llm_error_response(error)
 
@@ -113,7 +116,7 @@ def result_json(result: services.ChatResult | services.EmbeddingResult) -> dict[
     if isinstance(result, services.ChatResult):
         body.update(text=result.text, cost=result.cost_usd)
     else:
-        body.update(vectors=result.vectors)
+        body.update(vectors=result.vectors, cost=result.cost_usd)
     return body
 
 
