@@ -181,7 +181,8 @@ def run(args: argparse.Namespace, base_url: str) -> None:
     reused.close()
     assert load().api_key.get_secret_value() == KEY  # (b) really decrypts per call
     written = usage.flush()  # before the temporary database goes away
-    print(f"  usage records written by the buffer: {UsageRecord.objects.count()} (last flush {written})")
+    total = UsageRecord.objects.count()
+    print(f"  usage records written by the buffer: {total} (last flush {written})")
 
 
 if __name__ == "__main__":
