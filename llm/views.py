@@ -27,7 +27,9 @@ from django.http import (
     JsonResponse,
     StreamingHttpResponse,
 )
+from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from credentials.models import APIKeyCredentials
@@ -58,15 +60,36 @@ def llm_error_response(error: LLMError) -> JsonResponse:
     return response
 
 
-def api(view: View) -> View:
-    """Session auth answering 401 JSON (not a redirect); errors as JSON with their status."""
+def _csrf_refused(request: HttpRequest) -> bool:
+    """Django's CSRF check, run by the API itself: after authentication, in JSON."""
+    check = CsrfViewMiddleware(lambda request: HttpResponse())
+    return check.process_view(request, _csrf_checked_view, (), {}) is not None
 
+
+def _csrf_checked_view(request: HttpRequest) -> HttpResponse:  # pragma: no cover
+    return HttpResponse()
+
+
+def api(view: View) -> View:
+    """Session auth answering 401 JSON (not a redirect); errors as JSON with their status.
+
+    The CSRF check runs here, after authentication, so that a signed-out caller learns
+    it must sign in (401) and a bad token is a JSON 403 rather than Django's HTML page.
+    """
+
+    @csrf_exempt
     @wraps(view)
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         user = await request.auser()
         if not user.is_authenticated:
             return error_response(
                 "Sign in first: this API uses the site's session.", 401, kind="NotAuthenticated"
+            )
+        if _csrf_refused(request):
+            return error_response(
+                "CSRF check failed: send the csrftoken cookie's value in an X-CSRFToken header.",
+                403,
+                kind="CSRFFailed",
             )
         try:
             return await view(request, user, *args, **kwargs)

@@ -631,3 +631,24 @@ def test_a_bad_playground_request_answers_400(api, credential, costly, change, f
     assert field in response.json()["error"]["fields"]
     assert costly.requests == []
     assert not PlaygroundChoice.objects.exists()
+
+
+def test_it_checks_csrf_after_authentication_and_answers_json(db, alice, credential, costly):
+    strict = Client(enforce_csrf_checks=True)
+    body = json.dumps(chat_body(credential))
+
+    signed_out = strict.post("/api/llm/chat", body, content_type="application/json")
+    strict.force_login(alice)
+    no_token = strict.post("/api/llm/chat", body, content_type="application/json")
+    strict.get("/llm/")  # the page sets the csrftoken cookie
+    token = strict.cookies["csrftoken"].value
+    with_token = strict.post(
+        "/api/llm/chat", body, content_type="application/json", headers={"X-CSRFToken": token}
+    )
+
+    assert signed_out.status_code == 401
+    assert signed_out.json()["error"]["type"] == "NotAuthenticated"
+    assert no_token.status_code == 403
+    assert no_token.json()["error"]["type"] == "CSRFFailed"
+    assert with_token.status_code == 200, with_token.content
+    assert with_token.json()["text"] == "echo: hello there"
