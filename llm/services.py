@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from django.utils import timezone
 
@@ -20,6 +20,7 @@ from llm import usage as usage_records
 from llm.errors import SDK_ERRORS, LLMError, from_sdk_error, malformed_answer
 from llm.routes import Purpose, Route, resolve_route
 
+R = TypeVar("R", "ChatResult", "EmbeddingResult")
 CODE_INSTRUCTIONS = (
     "You write code. Answer with the code first, then at most a few short sentences."
 )
@@ -195,6 +196,44 @@ class _Call:
         }
 
 
+def _run(call: _Call, send: Callable[[Any], Any], parse: Callable[[Any, Route], R]) -> R:
+    """Resolve, lease a client, send, parse; record the call either way."""
+    try:
+        route = call.resolve()
+        try:
+            with clients.lease(route) as client:
+                raw = send(client)
+        except SDK_ERRORS as error:
+            raise from_sdk_error(error, route, model=call.model) from None
+        result = parse(raw, route)
+    except LLMError as error:
+        usage_records.record(**call.fields(type(error).__name__))
+        raise
+    usage_records.record(**call.fields("ok", result))
+    _touch(call.credential)
+    return result
+
+
+async def _arun(
+    call: _Call, send: Callable[[Any], Awaitable[Any]], parse: Callable[[Any, Route], R]
+) -> R:
+    """The async twin of _run."""
+    try:
+        route = call.resolve()
+        try:
+            async with clients.alease(route) as client:
+                raw = await send(client)
+        except SDK_ERRORS as error:
+            raise from_sdk_error(error, route, model=call.model) from None
+        result = parse(raw, route)
+    except LLMError as error:
+        await usage_records.arecord(**call.fields(type(error).__name__))
+        raise
+    await usage_records.arecord(**call.fields("ok", result))
+    await _atouch(call.credential)
+    return result
+
+
 def _complete(
     purpose: Purpose,
     messages: Sequence[dict[str, Any]],
@@ -203,25 +242,13 @@ def _complete(
     user: Any,
     options: dict[str, Any],
 ) -> ChatResult:
-    call = _Call(purpose, model, credential, user)
-    try:
-        route = call.resolve()
-        try:
-            with clients.lease(route) as client:
-                raw = client.chat.completions.with_raw_response.create(
-                    model=model,
-                    messages=list(messages),  # type: ignore[arg-type]
-                    **options,
-                )
-        except SDK_ERRORS as error:
-            raise from_sdk_error(error, route, model=model) from None
-        result = _chat_result(raw, route)
-    except LLMError as error:
-        usage_records.record(**call.fields(type(error).__name__))
-        raise
-    usage_records.record(**call.fields("ok", result))
-    _touch(credential)
-    return result
+    return _run(
+        _Call(purpose, model, credential, user),
+        lambda client: client.chat.completions.with_raw_response.create(
+            model=model, messages=list(messages), **options
+        ),
+        _chat_result,
+    )
 
 
 async def _acomplete(
@@ -232,25 +259,13 @@ async def _acomplete(
     user: Any,
     options: dict[str, Any],
 ) -> ChatResult:
-    call = _Call(purpose, model, credential, user)
-    try:
-        route = call.resolve()
-        try:
-            async with clients.alease(route) as client:
-                raw = await client.chat.completions.with_raw_response.create(
-                    model=model,
-                    messages=list(messages),  # type: ignore[arg-type]
-                    **options,
-                )
-        except SDK_ERRORS as error:
-            raise from_sdk_error(error, route, model=model) from None
-        result = _chat_result(raw, route)
-    except LLMError as error:
-        await usage_records.arecord(**call.fields(type(error).__name__))
-        raise
-    await usage_records.arecord(**call.fields("ok", result))
-    await _atouch(credential)
-    return result
+    return await _arun(
+        _Call(purpose, model, credential, user),
+        lambda client: client.chat.completions.with_raw_response.create(
+            model=model, messages=list(messages), **options
+        ),
+        _chat_result,
+    )
 
 
 async def astream_chat(
@@ -364,23 +379,13 @@ def embed(
     credential: APIKeyCredentials | None = None,
     user: Any = None,
 ) -> EmbeddingResult:
-    call = _Call("embeddings", model, credential, user)
-    try:
-        route = call.resolve()
-        try:
-            with clients.lease(route) as client:
-                raw = client.embeddings.with_raw_response.create(
-                    model=model, input=list(texts), encoding_format="float"
-                )
-        except SDK_ERRORS as error:
-            raise from_sdk_error(error, route, model=model) from None
-        result = _embedding_result(raw, route)
-    except LLMError as error:
-        usage_records.record(**call.fields(type(error).__name__))
-        raise
-    usage_records.record(**call.fields("ok", result))
-    _touch(credential)
-    return result
+    return _run(
+        _Call("embeddings", model, credential, user),
+        lambda client: client.embeddings.with_raw_response.create(
+            model=model, input=list(texts), encoding_format="float"
+        ),
+        _embedding_result,
+    )
 
 
 async def aembed(
@@ -390,23 +395,13 @@ async def aembed(
     credential: APIKeyCredentials | None = None,
     user: Any = None,
 ) -> EmbeddingResult:
-    call = _Call("embeddings", model, credential, user)
-    try:
-        route = call.resolve()
-        try:
-            async with clients.alease(route) as client:
-                raw = await client.embeddings.with_raw_response.create(
-                    model=model, input=list(texts), encoding_format="float"
-                )
-        except SDK_ERRORS as error:
-            raise from_sdk_error(error, route, model=model) from None
-        result = _embedding_result(raw, route)
-    except LLMError as error:
-        await usage_records.arecord(**call.fields(type(error).__name__))
-        raise
-    await usage_records.arecord(**call.fields("ok", result))
-    await _atouch(credential)
-    return result
+    return await _arun(
+        _Call("embeddings", model, credential, user),
+        lambda client: client.embeddings.with_raw_response.create(
+            model=model, input=list(texts), encoding_format="float"
+        ),
+        _embedding_result,
+    )
 
 
 def _model_list(page: Any, route: Route, started: float) -> ModelList:
