@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connections, models, router, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -89,7 +89,9 @@ class UsageBuffer:
         while True:
             time.sleep(self.interval)
             self.flush()
-            close_old_connections()
+            # Once a second is no reason to keep a connection open (or hold a test
+            # database that is about to be dropped).
+            connections.close_all()
 
 
 def insert(records: list[dict[str, Any]]) -> None:

@@ -170,18 +170,23 @@ INSTALLED_APPS = [
     "llm",
 ]
 
+# Django's own middleware (and WhiteNoise), with hooks that run on the event loop under
+# ASGI instead of a thread hop each: see llm/middleware.py.
 MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "llm.middleware.Security",
+    "llm.middleware.StaticFiles",
+    "llm.middleware.Session",
+    "llm.middleware.Common",
+    "llm.middleware.Csrf",
+    "llm.middleware.Authentication",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "llm.middleware.XFrameOptions",
 ]
 
 ROOT_URLCONF = "platform_site.urls"
+# Under ASGI, a thread per request for sync code (Django's default) or one shared thread
+# with a persistent connection (Keyroute's default, twice as fast): see asgi.py.
+ASGI_THREAD_PER_REQUEST = _bool("ASGI_THREAD_PER_REQUEST", False)
 WSGI_APPLICATION = "platform_site.wsgi.application"
 ASGI_APPLICATION = "platform_site.asgi.application"
 
@@ -216,7 +221,10 @@ def _database(url: str) -> dict[str, object]:
     if config["ENGINE"] == "django.db.backends.sqlite3" and name and name != ":memory:":
         # Relative SQLite paths are relative to the project, not the working directory.
         config["NAME"] = str(BASE_DIR / name)
-    config.setdefault("CONN_MAX_AGE", 0)
+    # One shared thread under ASGI keeps its connection; per-request threads must not
+    # (their connections would outlive them).
+    config.setdefault("CONN_MAX_AGE", 0 if ASGI_THREAD_PER_REQUEST else 60)
+    config.setdefault("CONN_HEALTH_CHECKS", True)
     return config
 
 
