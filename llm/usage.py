@@ -141,7 +141,7 @@ def insert(rows: list[tuple[Any, ...]]) -> None:
 
 
 _buffer = UsageBuffer(
-    maxsize=settings.LLM_USAGE_BUFFER_SIZE, interval=settings.LLM_USAGE_FLUSH_SECONDS or 1.0
+    maxsize=settings.LLM_USAGE_BUFFER_SIZE, interval=settings.LLM_USAGE_FLUSH_SECONDS or 2.0
 )
 atexit.register(_buffer.flush)
 
