@@ -110,26 +110,11 @@ def form_state(html: str) -> Form:
 
 
 @pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice")
-
-
-@pytest.fixture
 def api(alice):
     """Alice's client; a 500 is answered as a page, not raised, so tests can see it."""
     client = Client(raise_request_exception=False)
     client.force_login(alice)
     return client
-
-
-@pytest.fixture
-def costly(start_upstream):
-    return start_upstream(cost="0.0042")
-
-
-@pytest.fixture
-def credential(credential_factory, alice, costly):
-    return credential_factory(title="Alice proxy", owner=alice, base_url=costly.base_url)
 
 
 def chat_body(credential=None, **extra: Any) -> dict[str, Any]:

@@ -65,11 +65,6 @@ def options(html: str, select_id: str) -> list[tuple[str, str, bool]]:
 
 
 @pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice")
-
-
-@pytest.fixture
 def bob(django_user_model):
     return django_user_model.objects.create_user("bob")
 

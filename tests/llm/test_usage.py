@@ -31,21 +31,6 @@ HELLO_TOKENS = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
 NO_TOKENS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
-@pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice")
-
-
-@pytest.fixture
-def costly(start_upstream):
-    return start_upstream(cost="0.0042")
-
-
-@pytest.fixture
-def credential(credential_factory, alice, costly):
-    return credential_factory(title="Alice proxy", owner=alice, base_url=costly.base_url)
-
-
 def host(upstream) -> str:
     return f"127.0.0.1:{upstream.port}"
 
