@@ -21,7 +21,7 @@ from llm import clients, services
 from llm.errors import LLMError
 from llm.models import UsageRecord
 from llm.usage import UsageBuffer
-from tests.conftest import FAKE_KEY, GLOBAL_KEY
+from tests.conftest import FAKE_KEY, GLOBAL_KEY, database_url, run_manage, subprocess_env
 from tests.upstream import free_port
 
 MODEL = "gpt-test-mini"
@@ -418,3 +418,19 @@ def test_buffered_records_are_written_on_flush(
     )
     assert before <= record.created_at <= timezone.now()
     assert_no_key_in_any_record()
+
+
+def test_a_normal_exit_writes_what_the_buffer_holds(transactional_db):
+    # A process that buffers records (flush far away) and exits normally, as uvicorn does
+    # on SIGTERM: the records are written at exit, not lost.
+    script = (
+        "from llm import usage\n"
+        "for n in range(3): usage.record(purpose='chat', model=f'exit-{n}', latency_ms=1.0)\n"
+    )
+    env = subprocess_env(DATABASE_URL=database_url(), LLM_USAGE_FLUSH_SECONDS="600")
+
+    result = run_manage("shell", "-c", script, env=env)
+
+    assert result.returncode == 0, result.stderr
+    models = set(UsageRecord.objects.values_list("model", flat=True))
+    assert models == {"exit-0", "exit-1", "exit-2"}
