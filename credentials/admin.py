@@ -20,13 +20,6 @@ from credentials.models import APIKeyCredentials
 sensitive_key = method_decorator(sensitive_post_parameters("api_key"))
 
 
-def effective_base_url(credential: APIKeyCredentials) -> tuple[str, str]:
-    """Where chat and code calls of this credential go, and why."""
-    if credential.base_url:
-        return credential.base_url, "credential"
-    return settings.OPENAI_BASE_URL, "global default OPENAI_BASE_URL"
-
-
 class CredentialForm(forms.ModelForm[APIKeyCredentials]):
     class Meta:
         model = APIKeyCredentials
@@ -152,8 +145,8 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
 
     @admin.display(description="base URL")
     def base_url_display(self, obj: APIKeyCredentials) -> str:
-        url, source = effective_base_url(obj)
-        return format_html('{}<br><small class="quiet">{}</small>', url, source)
+        source = "credential" if obj.base_url else "global default OPENAI_BASE_URL"
+        return format_html('{}<br><small class="quiet">{}</small>', obj.effective_base_url, source)
 
     @admin.display(description="key")
     def key_display(self, obj: APIKeyCredentials) -> str:

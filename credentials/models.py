@@ -96,6 +96,11 @@ class APIKeyCredentials(models.Model):
         self._saved_base_url = self.__dict__.get("base_url")
 
     @property
+    def effective_base_url(self) -> str:
+        """Where chat and code calls with this credential go: its own URL or the default."""
+        return self.base_url or settings.OPENAI_BASE_URL
+
+    @property
     def is_expired(self) -> bool:
         return self.expires_at is not None and self.expires_at <= timezone.now()
 

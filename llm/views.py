@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import wraps
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -114,12 +115,11 @@ async def credential_for(user: Any, credential_id: str | None) -> APIKeyCredenti
 
 
 def credential_json(credential: APIKeyCredentials) -> dict[str, Any]:
-    host = credential.base_url.split("://", 1)[-1].split("/", 1)[0] if credential.base_url else ""
     return {
         "id": str(credential.pk),
         "title": credential.title,
         "provider": credential.provider,
-        "host": host or settings.OPENAI_BASE_URL.split("://", 1)[-1].split("/", 1)[0],
+        "host": urlsplit(credential.effective_base_url).netloc,
         "key_hint": credential.key_hint,
         "shared": credential.owner_id is None,
     }
