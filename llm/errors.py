@@ -73,14 +73,14 @@ class UpstreamError(LLMError):
     status = 502
 
 
-# What resolvers say when a name does not resolve (glibc, musl, macOS, aiohttp).
+# What resolvers say when a name does not resolve (glibc, musl, macOS). Not "dns": the
+# error text carries the host, and a proxy named dns-gateway is refused, not unresolved.
 DNS_FAILURES = (
     "name or service not known",
     "temporary failure in name resolution",
     "nodename nor servname",
     "no address associated",
     "getaddrinfo failed",
-    "dns",
 )
 DNS_ERRORS = (socket.gaierror, aiohttp.ClientConnectorDNSError)
 # The SDK's transports wrap these in different exceptions (the aiohttp one even calls a
