@@ -72,12 +72,7 @@ def assert_no_key_in_any_record() -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_chat_is_recorded_with_tokens_and_cost(credential, costly, alice, mode):
-    if mode == "sync":
-        services.chat(messages=HELLO, model=MODEL, credential=credential, user=alice)
-    else:
-        run_async(
-            lambda: services.achat(messages=HELLO, model=MODEL, credential=credential, user=alice)
-        )
+    call(mode, "chat", messages=HELLO, model=MODEL, credential=credential, user=alice)
 
     assert_record(
         the_record(),
@@ -97,10 +92,7 @@ def test_a_chat_is_recorded_with_tokens_and_cost(credential, costly, alice, mode
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_code_is_recorded_as_code(credential, costly, alice, mode):
     kwargs = {"prompt": "fizz buzz", "model": MODEL, "credential": credential, "user": alice}
-    if mode == "sync":
-        services.generate_code(**kwargs)
-    else:
-        run_async(lambda: services.agenerate_code(**kwargs))
+    call(mode, "generate_code", **kwargs)
 
     record = the_record()
     sent_words = sum(len(m["content"].split()) for m in costly.requests[0].body["messages"])
@@ -128,10 +120,7 @@ def test_a_chat_without_a_cost_header_records_no_cost(credential_factory, upstre
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_embeddings_through_the_internal_default_are_recorded(global_route, alice, mode):
     texts = ["one two", "three"]
-    if mode == "sync":
-        services.embed(texts=texts, model="embed-test", user=alice)
-    else:
-        run_async(lambda: services.aembed(texts=texts, model="embed-test", user=alice))
+    call(mode, "embed", texts=texts, model="embed-test", user=alice)
 
     assert_record(
         the_record(),
@@ -165,6 +154,13 @@ def test_a_call_without_a_user_records_no_user(credential):
 # ---- failures --------------------------------------------------------------------------
 
 
+def call(mode: str, service: str, **kwargs):
+    """services.<service>(...) in "sync" mode, services.a<service>(...) in "async" mode."""
+    if mode == "sync":
+        return getattr(services, service)(**kwargs)
+    return run_async(lambda: getattr(services, f"a{service}")(**kwargs))
+
+
 def fail(call) -> LLMError:
     with pytest.raises(LLMError) as caught:
         call()
@@ -174,16 +170,7 @@ def fail(call) -> LLMError:
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_rejected_key_is_recorded(credential, costly, alice, mode):
     costly.respond(status=401, body={"error": {"message": f"bad key {FAKE_KEY}"}})
-    if mode == "sync":
-        fail(lambda: services.chat(messages=HELLO, model=MODEL, credential=credential, user=alice))
-    else:
-        fail(
-            lambda: run_async(
-                lambda: services.achat(
-                    messages=HELLO, model=MODEL, credential=credential, user=alice
-                )
-            )
-        )
+    fail(lambda: call(mode, "chat", messages=HELLO, model=MODEL, credential=credential, user=alice))
 
     assert_record(
         the_record(),
@@ -204,14 +191,7 @@ def test_a_rejected_key_is_recorded(credential, costly, alice, mode):
 def test_an_unreachable_proxy_is_recorded(credential_factory, alice, mode):
     closed = f"127.0.0.1:{free_port()}"
     credential = credential_factory(owner=alice, base_url=f"http://{closed}/v1")
-    if mode == "sync":
-        fail(lambda: services.embed(texts=["x"], model="e", credential=credential, user=alice))
-    else:
-        fail(
-            lambda: run_async(
-                lambda: services.aembed(texts=["x"], model="e", credential=credential, user=alice)
-            )
-        )
+    fail(lambda: call(mode, "embed", texts=["x"], model="e", credential=credential, user=alice))
 
     assert_record(
         the_record(),
@@ -229,16 +209,7 @@ def test_an_inactive_credential_is_recorded_without_a_route(
     credential_factory, costly, alice, mode
 ):
     credential = credential_factory(owner=alice, base_url=costly.base_url, is_active=False)
-    if mode == "sync":
-        fail(lambda: services.chat(messages=HELLO, model=MODEL, credential=credential, user=alice))
-    else:
-        fail(
-            lambda: run_async(
-                lambda: services.achat(
-                    messages=HELLO, model=MODEL, credential=credential, user=alice
-                )
-            )
-        )
+    fail(lambda: call(mode, "chat", messages=HELLO, model=MODEL, credential=credential, user=alice))
 
     assert_record(
         the_record(),
@@ -391,14 +362,7 @@ def test_buffered_records_are_written_on_flush(
     # The process's flusher thread must not write the record while the test looks: hold
     # its flush lock until the "nothing written yet" check is done.
     with llm.usage._buffer._flush_lock:
-        if mode == "sync":
-            services.chat(messages=HELLO, model=MODEL, credential=credential, user=alice)
-        else:
-            run_async(
-                lambda: services.achat(
-                    messages=HELLO, model=MODEL, credential=credential, user=alice
-                )
-            )
+        call(mode, "chat", messages=HELLO, model=MODEL, credential=credential, user=alice)
         assert not UsageRecord.objects.exists()
 
     llm.usage.flush()
