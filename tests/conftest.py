@@ -26,8 +26,11 @@ TEST_FERNET_KEY = settings.CREDENTIALS_ENCRYPTION_KEYS[0]
 def django_db_modify_db_settings(
     django_db_modify_db_settings_parallel_suffix: None, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # A file, not memory, so that manage.py run in a subprocess sees the test database.
     db: dict[str, Any] = settings.DATABASES["default"]
+    # Threads of the tests (executors, the usage flusher) must not keep connections to
+    # the test database open: PostgreSQL would refuse to drop it at the end.
+    db["CONN_MAX_AGE"] = 0
+    # A file, not memory, so that manage.py run in a subprocess sees the test database.
     if db["ENGINE"].endswith("sqlite3"):
         db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
 
