@@ -6,6 +6,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 
 from credentials.fields import BaseURLField, EncryptedKeyField, EncryptedSecret
@@ -13,6 +14,44 @@ from credentials.fields import BaseURLField, EncryptedKeyField, EncryptedSecret
 BASE_URL_NEEDS_KEY = (
     "The API key is bound to its base URL: enter the key again to send it to a new address."
 )
+
+
+class Platform:
+    """The platform itself, not a user: a call made for the site, which owns no credential.
+
+    Pass `user=PLATFORM` to use a credential without checking whose it is (an admin's
+    connection test, a nightly job). A forgotten `user` is nobody, and nobody may use
+    any credential: skipping the ownership check is always written at the call site.
+    """
+
+    def __repr__(self) -> str:
+        return "PLATFORM"
+
+
+PLATFORM = Platform()
+
+
+def _signed_in(user: Any) -> bool:
+    return user is not None and bool(user.is_authenticated) and bool(user.is_active)
+
+
+class CredentialQuerySet(models.QuerySet["APIKeyCredentials"]):
+    """Who may use which credential, as a query; `APIKeyCredentials.unusable_by` is its twin."""
+
+    def expired(self) -> CredentialQuerySet:
+        return self.filter(expires_at__lte=timezone.now())
+
+    def live(self) -> CredentialQuerySet:
+        """Active and not expired."""
+        return self.filter(is_active=True).exclude(expires_at__lte=timezone.now())
+
+    def usable_by(self, user: Any) -> CredentialQuerySet:
+        """Live credentials `user` owns or that are shared; every live one for PLATFORM."""
+        if user is PLATFORM:
+            return self.live()
+        if not _signed_in(user):
+            return self.none()
+        return self.live().filter(Q(owner=user) | Q(owner__isnull=True))
 
 
 class Provider(models.TextChoices):
@@ -67,6 +106,8 @@ class APIKeyCredentials(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
 
+    objects = CredentialQuerySet.as_manager()
+
     # base_url as last loaded or saved: moving away from it needs the key again.
     _saved_base_url: str | None = None
 
@@ -103,6 +144,20 @@ class APIKeyCredentials(models.Model):
     @property
     def is_expired(self) -> bool:
         return self.expires_at is not None and self.expires_at <= timezone.now()
+
+    def unusable_by(self, user: Any) -> str | None:
+        """Why `user` may not use this credential (None: they may); `usable_by`'s twin.
+
+        "not_yours" comes first: someone else's credential is answered like a missing
+        one, whatever its state.
+        """
+        if user is not PLATFORM and (not _signed_in(user) or self.owner_id not in (None, user.pk)):
+            return "not_yours"
+        if not self.is_active:
+            return "inactive"
+        if self.is_expired:
+            return "expired"
+        return None
 
     def base_url_change_without_key(self) -> bool:
         """Whether base_url moved away from its saved value while the stored key stayed."""

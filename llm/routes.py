@@ -45,18 +45,35 @@ def _default(purpose: Purpose) -> tuple[str, str, Source, str]:
     return settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY, "global", "OPENAI_API_KEY"
 
 
+UNUSABLE = {
+    # Someone else's credential is indistinguishable from one that does not exist.
+    "not_yours": ("No such credential: choose one of your own or a shared one.", 404),
+    "inactive": (
+        "Credential {title!r} is inactive: choose another one, or ask an admin to activate it.",
+        403,
+    ),
+    "expired": (
+        "Credential {title!r} expired: choose another one, or ask an admin to renew it.",
+        403,
+    ),
+}
+
+
 def resolve_route(
     purpose: Purpose,
     credential: APIKeyCredentials | None = None,
-    user: Any = None,
     *,
+    user: Any,
     allow_inactive: bool = False,
 ) -> Route:
     """The route for `purpose`: the credential's, or the purpose's global default.
 
-    A credential that is inactive or expired (unless `allow_inactive`, for an admin's
-    connection test), unreadable, or not `user`'s to use raises CredentialUnavailable.
-    It never falls back to the global key: that would bill the wrong account.
+    `user` is who the call is for: a credential they may not use (someone else's, or any
+    credential when `user` is None) raises CredentialUnavailable, and so does an inactive
+    or expired one (unless `allow_inactive`, for an admin's connection test) or one whose
+    key cannot be decrypted. `user=PLATFORM` (credentials.models) is the platform's own
+    call, which skips the ownership check. A credential never falls back to the global
+    key: that would bill the wrong account.
     """
     if purpose not in PURPOSES:
         raise ValueError(f"Unknown purpose {purpose!r}: use one of {', '.join(PURPOSES)}.")
@@ -70,7 +87,12 @@ def resolve_route(
                 status=503,
             )
         return Route(purpose=purpose, base_url=base_url, api_key=Secret(key), source=source)
-    check_usable(credential, user, allow_inactive=allow_inactive)
+    reason = credential.unusable_by(user)
+    if reason and not (allow_inactive and reason in ("inactive", "expired")):
+        message, status = UNUSABLE[reason]
+        raise CredentialUnavailable(
+            message.format(title=credential.title), reason=reason, status=status
+        )
     try:
         plaintext = credential.api_key.get_secret_value()
     except DecryptionError as error:
@@ -83,29 +105,3 @@ def resolve_route(
         credential_id=credential.pk,
         credential_title=credential.title,
     )
-
-
-def check_usable(credential: APIKeyCredentials, user: Any, *, allow_inactive: bool = False) -> None:
-    title = credential.title
-    if user is not None and (
-        not user.is_authenticated or credential.owner_id not in (None, user.pk)
-    ):
-        # Indistinguishable from a credential that does not exist.
-        raise CredentialUnavailable(
-            "No such credential: choose one of your own or a shared one.",
-            reason="not_usable",
-            status=404,
-        )
-    if allow_inactive:
-        return
-    if not credential.is_active:
-        raise CredentialUnavailable(
-            f"Credential {title!r} is inactive: choose another one, or ask an admin to "
-            "activate it.",
-            reason="inactive",
-        )
-    if credential.is_expired:
-        raise CredentialUnavailable(
-            f"Credential {title!r} expired: choose another one, or ask an admin to renew it.",
-            reason="expired",
-        )

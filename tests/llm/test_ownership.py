@@ -16,7 +16,10 @@ import pytest
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone
 
+from credentials.models import PLATFORM, APIKeyCredentials
 from credentials.selectors import usable_credential, usable_credentials
+from llm import services
+from llm.errors import CredentialUnavailable
 from llm.models import PlaygroundChoice, UsageRecord
 from tests.conftest import FAKE_KEY
 
@@ -232,3 +235,59 @@ def test_the_selectors_offer_nothing_to_anonymous_users(credentials, alice):
         "Alice later",
         "Team shared",
     }
+
+
+# ---- one rule, for the query and the instance --------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "anonymous", "nobody", "platform", "inactive"])
+def test_the_query_and_the_instance_agree_on_who_may_use_what(
+    credentials, alice, bob, django_user_model, who
+):
+    user = {
+        "alice": alice,
+        "bob": bob,
+        "anonymous": AnonymousUser(),
+        "nobody": None,
+        "platform": PLATFORM,
+        "inactive": django_user_model.objects.create_user("carol", is_active=False),
+    }[who]
+
+    by_query = set(APIKeyCredentials.objects.usable_by(user))
+    by_instance = {c for c in APIKeyCredentials.objects.all() if c.unusable_by(user) is None}
+
+    assert by_query == by_instance
+    if who == "platform":
+        assert {c.title for c in by_query} == {
+            "Alice own",
+            "Alice later",
+            "Team shared",
+            "Bob private",
+        }
+
+
+def test_a_service_refuses_someone_elses_credential_without_an_explicit_opt_out(
+    credentials, alice, upstream
+):
+    bobs = credentials["bobs"]
+    hello = [{"role": "user", "content": "hi"}]
+
+    for user in (alice, None):  # for alice; for nobody (the argument forgotten)
+        with pytest.raises(CredentialUnavailable) as refused:
+            services.chat(messages=hello, model=MODEL, credential=bobs, user=user)
+        assert refused.value.reason == "not_yours"
+    assert upstream.requests == []
+
+    # The platform's own call says so where it is made.
+    result = services.chat(messages=hello, model=MODEL, credential=bobs, user=PLATFORM)
+
+    assert result.text == "echo: hi"
+    assert len(upstream.requests) == 1
+
+
+def test_the_platform_may_not_use_an_inactive_credential_either(credentials, upstream):
+    with pytest.raises(CredentialUnavailable) as refused:
+        services.embed(texts=["hi"], model=MODEL, credential=credentials["inactive"], user=PLATFORM)
+
+    assert refused.value.reason == "inactive"
+    assert upstream.requests == []
