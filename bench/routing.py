@@ -3,9 +3,9 @@
     python bench/routing.py [--calls 2000] [--rounds 5] [--leak-calls 10000]
 
 (a) a pre-built, reused OpenAI client calling chat.completions.create;
-(b) llm.services.chat with a credential: a fresh model instance per call (as a view
-    loads it: key still encrypted), resolution, decryption (memoized per token by
-    credentials.crypto), the cached client, last_used_at bookkeeping;
+(b) llm.services.chat with a credential, for the platform: a fresh model instance per
+    call (as a query loads it: key still encrypted), resolution, decryption (memoized
+    per token by credentials.crypto), the cached client and its lease, the usage record;
 (c) a new OpenAI client per call (the habit Keyroute replaces), closed after use.
 
 Rounds interleave a, b and c so that machine noise hits all three alike; the table
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, base_url: str) -> None:
     import openai
 
     from credentials.fields import EncryptedSecret
-    from credentials.models import APIKeyCredentials
+    from credentials.models import PLATFORM, APIKeyCredentials
     from llm import services, usage
     from llm.models import UsageRecord
 
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, base_url: str) -> None:
         reused.chat.completions.create(model="gpt-test-mini", messages=messages)  # type: ignore[arg-type]
 
     def b() -> None:
-        services.chat(messages=messages, model="gpt-test-mini", credential=load())
+        services.chat(messages=messages, model="gpt-test-mini", credential=load(), user=PLATFORM)
 
     def c() -> None:
         with openai.OpenAI(api_key=KEY, base_url=base_url, max_retries=0) as client:

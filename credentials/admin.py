@@ -6,11 +6,10 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
 from django.urls import reverse
-from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.views.decorators.debug import sensitive_post_parameters
@@ -72,11 +71,11 @@ class ExpiryFilter(admin.SimpleListFilter):
         return [("yes", "Expired"), ("no", "Not expired")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        expired = Q(expires_at__lte=timezone.now())
+        expired = APIKeyCredentials.objects.expired()
         if self.value() == "yes":
-            return queryset.filter(expired)
+            return queryset.filter(pk__in=expired)
         if self.value() == "no":
-            return queryset.exclude(expired)
+            return queryset.exclude(pk__in=expired)
         return queryset
 
 
@@ -171,13 +170,13 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
     def usage(self, obj: APIKeyCredentials) -> str:
         if obj._state.adding:
             return "No calls yet."
-        from llm import usage  # the admin is a page: it may read usage through llm
+        from llm import reports  # the admin is a page: it may read usage through llm
 
         return render_to_string(
             "admin/credentials/usage.html",
             {
-                "totals": usage.credential_totals(obj.pk),
-                "chart": cost_chart(usage.daily_cost(obj.pk)),
+                "totals": reports.credential_totals(obj.pk),
+                "chart": cost_chart(reports.daily_cost(obj.pk)),
                 "records_url": reverse("admin:llm_usagerecord_changelist")
                 + f"?credential__id__exact={obj.pk}",
             },
@@ -185,32 +184,40 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
 
     @admin.action(description="Test connection (GET /models with the credential's key)")
     def test_connection(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
-        # The admin is a page: it may call the services, and only them.
+        # The admin is a page: it may call the services, and only them. The probes run
+        # at once, each within LLM_PROBE_TIMEOUT_SECONDS.
         from llm import services
 
-        for credential in queryset:
-            try:
-                # An admin tests any credential: no user, and inactive ones too.
-                result = services.list_models(credential=credential, include_inactive=True)
-            except services.LLMError as error:
-                self.message_user(request, f"{credential.title}: {error}", messages.ERROR)
-                continue
-            self.message_user(
-                request,
-                f"{credential.title}: OK, {result.route.host} answered in "
-                f"{result.latency_ms:.0f} ms with {len(result.models)} model(s).",
-                messages.SUCCESS,
-            )
+        for result in services.probe(list(queryset)):
+            if result.error:
+                self.message_user(request, f"{result.title}: {result.error}", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"{result.title}: OK, {result.host} answered in {result.latency_ms:.0f} ms "
+                    f"with {len(result.models)} model(s).",
+                    messages.SUCCESS,
+                )
 
     @admin.action(description="Activate selected credentials")
     def activate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
-        count = queryset.update(is_active=True)
+        count = self._set_active(queryset, True)
         self.message_user(request, f"{count} credential(s) activated.", messages.SUCCESS)
 
     @admin.action(description="Deactivate selected credentials")
     def deactivate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
-        count = queryset.update(is_active=False)
+        count = self._set_active(queryset, False)
         self.message_user(request, f"{count} credential(s) deactivated.", messages.SUCCESS)
+
+    @staticmethod
+    def _set_active(queryset: QuerySet[APIKeyCredentials], active: bool) -> int:
+        # Saved one by one, not update(): saving is what tells every worker (and the
+        # client cache) that a credential changed.
+        changed = [credential for credential in queryset if credential.is_active != active]
+        for credential in changed:
+            credential.is_active = active
+            credential.save(update_fields=["is_active", "updated_at"])
+        return len(changed)
 
     def lookup_allowed(self, lookup: str, value: str, request: Any = None) -> bool:
         if lookup.split("__")[0] in {"api_key", "key_hint"}:

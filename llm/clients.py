@@ -1,38 +1,47 @@
-"""The only module that builds OpenAI clients.
+"""The only module that builds OpenAI clients, and the one place SDK errors are translated.
 
 One sync and one async client per (base URL, key fingerprint, options), kept in a
 bounded, thread-safe LRU and sharing one SSL context. Building a client costs
 milliseconds and a connection pool; reusing one costs a dictionary lookup and keeps
 connections alive between calls.
 
-Async clients belong to the event loop they were first used on (their connection
-pool does), so they are also keyed by loop. Code that runs its own loops
-(`asyncio.run` in a command or a test) should `await aclose_loop_clients()` before the
-loop ends; under an ASGI server the loop lives as long as the process.
+A call holds its client through a lease (`lease`, `alease`): eviction never closes a
+client under a call in flight, and any exception the SDK raises inside the lease leaves
+it as the LLMError that says what went wrong (`translate`).
+
+Async clients belong to the event loop they were first used on (their connection pool
+does), so they are keyed by loop too, and closed when that loop ends
+(platform_site.loops): under uvicorn that is the worker's exit; under the test client,
+`async_to_sync` or `asyncio.run`, the end of each run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import socket
 import ssl
 import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 from django.conf import settings
 
 from credentials.policy import base_url_problem
-from llm.errors import CredentialUnavailable
+from llm import errors
+from llm.errors import CredentialUnavailable, LLMError
 from llm.routes import Route
+from platform_site.loops import at_loop_end
 
 # Per-process salt: fingerprints identify a key inside this process and nowhere else.
 _SALT = os.urandom(16)
@@ -44,6 +53,7 @@ class ClientOptions:
     connect_timeout: float
     max_retries: int
     trust_env: bool
+    timeout_setting: str = "LLM_TIMEOUT_SECONDS"  # named when a call runs out of time
 
     @classmethod
     def from_settings(cls) -> ClientOptions:
@@ -52,6 +62,18 @@ class ClientOptions:
             connect_timeout=settings.LLM_CONNECT_TIMEOUT_SECONDS,
             max_retries=settings.LLM_MAX_RETRIES,
             trust_env=settings.LLM_TRUST_ENV_PROXY,
+        )
+
+    @classmethod
+    def for_probes(cls) -> ClientOptions:
+        """Connection tests: a short time budget of their own, and no retries."""
+        timeout = settings.LLM_PROBE_TIMEOUT_SECONDS
+        return cls(
+            timeout=timeout,
+            connect_timeout=min(settings.LLM_CONNECT_TIMEOUT_SECONDS, timeout),
+            max_retries=0,
+            trust_env=settings.LLM_TRUST_ENV_PROXY,
+            timeout_setting="LLM_PROBE_TIMEOUT_SECONDS",
         )
 
     def httpx_timeout(self) -> httpx2.Timeout:
@@ -246,9 +268,7 @@ def _sdk_options(route: Route, options: ClientOptions) -> dict[str, Any]:
     }
 
 
-def _sync_entry(route: Route, *, lease: bool) -> _Entry:
-    options = ClientOptions.from_settings()
-
+def _sync_entry(route: Route, options: ClientOptions, *, lease: bool) -> _Entry:
     def build() -> openai.OpenAI:
         return openai.OpenAI(
             **_sdk_options(route, options),
@@ -258,8 +278,7 @@ def _sync_entry(route: Route, *, lease: bool) -> _Entry:
     return _cache.acquire(_key("sync", route, options), route, build, lease=lease)
 
 
-def _async_entry(route: Route, *, lease: bool) -> _Entry:
-    options = ClientOptions.from_settings()
+def _async_entry(route: Route, options: ClientOptions) -> _Entry:
     loop = asyncio.get_running_loop()
 
     def build() -> openai.AsyncOpenAI:
@@ -269,64 +288,167 @@ def _async_entry(route: Route, *, lease: bool) -> _Entry:
         )
 
     key = (*_key("async", route, options), id(loop))
-    return _cache.acquire(key, route, build, loop, lease=lease)
+    return _cache.acquire(key, route, build, loop)
 
 
 def get_client(route: Route) -> openai.OpenAI:
-    """The cached sync client for `route`, unleased (prefer `lease` for calls)."""
-    client = _sync_entry(route, lease=False).client
+    """The cached sync client for `route`, unleased (calls should take a `lease`)."""
+    client = _sync_entry(route, ClientOptions.from_settings(), lease=False).client
     assert isinstance(client, openai.OpenAI)
     return client
 
 
-def get_async_client(route: Route) -> openai.AsyncOpenAI:
-    """The cached async client for `route` on the running loop, unleased."""
-    client = _async_entry(route, lease=False).client
-    assert isinstance(client, openai.AsyncOpenAI)
-    return client
-
-
 class _Lease:
-    """Holds a client open until the block ends, even if it is evicted meanwhile.
+    """A client held open until the block ends, even if it is evicted meanwhile.
 
+    Whatever the SDK raises inside the block leaves it as an LLMError (`translate`).
     A class, not a generator-based context manager: an abandoned async stream is
     finalized by the garbage collector, and generator context managers finalized out of
     order fail with "generator didn't stop after athrow()".
     """
 
-    def __init__(self, entry: _Entry) -> None:
-        self.entry = entry
+    def __init__(self, route: Route, model: str | None, options: ClientOptions) -> None:
+        self.route, self.model, self.options = route, model, options
+        self.entry: _Entry | None = None
 
-    def __enter__(self) -> Any:
-        return self.entry.client
+    def __enter__(self) -> openai.OpenAI:
+        self.entry = _sync_entry(self.route, self.options, lease=True)
+        return self.entry.client  # type: ignore[return-value]
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self._release(error)
+
+    async def __aenter__(self) -> openai.AsyncOpenAI:
+        self.entry = _async_entry(self.route, self.options)
+        await at_loop_end("OpenAI clients", _cache.aclose_loop)
+        return self.entry.client  # type: ignore[return-value]
+
+    async def __aexit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self._release(error)
+
+    def _release(self, error: BaseException | None) -> None:
+        assert self.entry is not None
         _cache.release(self.entry)
-
-    async def __aenter__(self) -> Any:
-        return self.entry.client
-
-    async def __aexit__(self, *exc: object) -> None:
-        _cache.release(self.entry)
+        if isinstance(error, openai.OpenAIError):
+            raise translate(error, self.route, model=self.model, options=self.options) from None
 
 
-def lease(route: Route) -> AbstractContextManager[openai.OpenAI]:
-    """The sync client for `route`, kept open until the `with` block ends."""
-    return _Lease(_sync_entry(route, lease=True))
+def lease(route: Route, *, model: str | None = None, probe: bool = False) -> _Lease:
+    """The sync client for `route`, held until the `with` block ends.
+
+    `model` is named in a "model not found" error; `probe` gives the call the short
+    time budget of connection tests and no retries.
+    """
+    return _Lease(route, model, _options(probe))
 
 
-def alease(route: Route) -> AbstractAsyncContextManager[openai.AsyncOpenAI]:
-    """The async client for `route` (aiohttp transport) on the running loop, leased."""
-    return _Lease(_async_entry(route, lease=True))
+def alease(route: Route, *, model: str | None = None, probe: bool = False) -> _Lease:
+    """The async client for `route` (aiohttp transport) on the running loop, held."""
+    return _Lease(route, model, _options(probe))
+
+
+def _options(probe: bool) -> ClientOptions:
+    return ClientOptions.for_probes() if probe else ClientOptions.from_settings()
 
 
 def evict(credential_id: uuid.UUID | None = None) -> int:
     return _cache.evict(credential_id)
 
 
-async def aclose_loop_clients() -> None:
-    await _cache.aclose_loop()
-
-
 def cache_stats() -> dict[str, int]:
     return {"clients": len(_cache), "builds": _cache.builds}
+
+
+# ---- translating SDK errors ----------------------------------------------------------
+
+# What resolvers say when a name does not resolve (glibc, musl, macOS). Not "dns": the
+# error text carries the host, and a proxy named dns-gateway is refused, not unresolved.
+DNS_FAILURES = (
+    "name or service not known",
+    "temporary failure in name resolution",
+    "nodename nor servname",
+    "no address associated",
+    "getaddrinfo failed",
+)
+DNS_ERRORS = (socket.gaierror, aiohttp.ClientConnectorDNSError)
+# The SDK's transports wrap these in different exceptions (the aiohttp one even calls a
+# refused connection a connect timeout), so the cause chain is what tells them apart.
+CONNECT_FAILURES = (
+    ConnectionRefusedError,
+    socket.gaierror,
+    aiohttp.ClientConnectorError,
+    httpx2.ConnectError,
+)
+DROPPED = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    httpx2.RemoteProtocolError,
+    httpx2.ReadError,
+)
+
+
+def translate(
+    error: openai.OpenAIError,
+    route: Route,
+    *,
+    model: str | None = None,
+    options: ClientOptions | None = None,
+) -> LLMError:
+    """The LLMError for an exception the OpenAI SDK raised while calling `route`."""
+    causes = list(_causes(error))
+    if any(isinstance(cause, CONNECT_FAILURES) for cause in causes):
+        text = " ".join(str(cause) for cause in causes).lower()
+        unresolved = any(isinstance(cause, DNS_ERRORS) for cause in causes) or any(
+            phrase in text for phrase in DNS_FAILURES
+        )
+        return errors.unreachable(
+            route, "host name not resolved" if unresolved else "connection refused"
+        )
+    if any(isinstance(cause, DROPPED) for cause in causes):
+        return errors.dropped(route)
+    if isinstance(error, openai.APITimeoutError):
+        return errors.timed_out(route, (options or ClientOptions.from_settings()).timeout_setting)
+    if isinstance(error, openai.APIConnectionError):
+        return errors.connection_failed(route)
+    if isinstance(error, openai.APIStatusError):
+        return errors.answered(
+            route,
+            error.status_code,
+            _upstream_detail(error, route),
+            model=model,
+            retry_after=_retry_after(error.response),
+        )
+    if isinstance(error, openai.APIResponseValidationError):
+        return errors.malformed_answer(route)
+    return errors.call_failed(route, type(error).__name__)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _upstream_detail(error: openai.APIStatusError, route: Route) -> str:
+    """The upstream's own error message, short, with the key scrubbed out."""
+    body: Any = error.body
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict):
+            body = body.get("message", "")
+    text = body if isinstance(body, str) else json.dumps(body) if body else ""
+    key = route.api_key.get_secret_value()
+    if key:
+        text = text.replace(key, "[key]")
+    return " ".join(text.split())[:200]
+
+
+def _retry_after(response: httpx2.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None

@@ -1,32 +1,36 @@
 """Chat, code and embeddings: every OpenAI-SDK call of the platform goes through here.
 
-Each call resolves its route (the credential's, or the purpose's global default), takes
-the cached client for it and turns whatever goes wrong into an LLMError sentence.
+A call resolves its route for the user it is made for (the credential's, or the
+purpose's global default), holds the cached client through a lease (which turns SDK
+exceptions into LLMError sentences), reads the answer, and records itself (`_Call`).
+
+`user` is whom the call is for. A credential they may not use raises
+CredentialUnavailable, and a call with no `user` may use no credential at all. Calls
+the platform makes for itself pass `user=PLATFORM`, which skips the ownership check.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from django.utils import timezone
-
-from credentials.models import APIKeyCredentials
+from credentials.models import PLATFORM, APIKeyCredentials
 from llm import clients
 from llm import usage as usage_records
-from llm.errors import SDK_ERRORS, LLMError, from_sdk_error, malformed_answer
+from llm.errors import LLMError, reading_answer
 from llm.routes import Purpose, Route, resolve_route
 
 R = TypeVar("R", "ChatResult", "EmbeddingResult")
 CODE_INSTRUCTIONS = (
     "You write code. Answer with the code first, then at most a few short sentences."
 )
-# last_used_at is written at most once a minute per credential and process.
-TOUCH_INTERVAL = 60.0
-_touched: dict[uuid.UUID, float] = {}
+# Connection tests of many credentials run at most this many at once.
+PROBE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,17 @@ class ModelList:
     route: RouteInfo
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """A connection test of one credential: the models it may use, or what went wrong."""
+
+    title: str
+    host: str
+    latency_ms: float
+    models: tuple[str, ...] = ()
+    error: str | None = None
+
+
 def _info(route: Route) -> RouteInfo:
     return RouteInfo(source=route.source, host=route.host)
 
@@ -92,63 +107,44 @@ def _cost(headers: Any) -> float | None:
 
 
 def _chat_result(raw: Any, route: Route) -> ChatResult:
-    try:
+    with reading_answer(route):
         completion = raw.parse()
         text = completion.choices[0].message.content or ""
         model = str(completion.model or "")
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
-        raise malformed_answer(route) from None
-    return ChatResult(
-        text=text,
-        model=model,
-        usage=_usage(completion),
-        route=_info(route),
-        cost_usd=_cost(raw.headers),
-    )
+        usage = _usage(completion)
+    return ChatResult(text, model, usage, _info(route), _cost(raw.headers))
 
 
 def _embedding_result(raw: Any, route: Route) -> EmbeddingResult:
-    try:
+    with reading_answer(route):
         response = raw.parse()
         rows = sorted(response.data, key=lambda row: row.index)
         vectors = [list(map(float, row.embedding)) for row in rows]
         model = str(response.model or "")
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
-        raise malformed_answer(route) from None
-    return EmbeddingResult(
-        vectors=vectors,
-        model=model,
-        usage=_usage(response),
-        route=_info(route),
-        cost_usd=_cost(raw.headers),
-    )
+        usage = _usage(response)
+    return EmbeddingResult(vectors, model, usage, _info(route), _cost(raw.headers))
 
 
-def _due(credential: APIKeyCredentials | None) -> bool:
-    if credential is None:
-        return False
-    now = time.monotonic()
-    if now - _touched.get(credential.pk, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
-        return False
-    _touched[credential.pk] = now
-    credential.last_used_at = timezone.now()
-    return True
+class _StreamedAnswer:
+    """A chat answer put together from its chunks."""
 
+    def __init__(self, route: Route, model: str, cost: float | None) -> None:
+        self.route, self.model, self.cost = route, model, cost
+        self.pieces: list[str] = []
+        self.usage = Usage()
 
-def _touch(credential: APIKeyCredentials | None) -> None:
-    if _due(credential):
-        assert credential is not None
-        APIKeyCredentials.objects.filter(pk=credential.pk).update(
-            last_used_at=credential.last_used_at
-        )
+    def add(self, chunk: Any) -> str:
+        """The chunk's text (may be empty: the last chunk carries only the usage)."""
+        self.model = chunk.model or self.model
+        if chunk.usage:
+            self.usage = _usage(chunk)
+        piece = "".join(c.delta.content for c in chunk.choices if c.delta and c.delta.content)
+        self.pieces.append(piece)
+        return piece
 
-
-async def _atouch(credential: APIKeyCredentials | None) -> None:
-    if _due(credential):
-        assert credential is not None
-        await APIKeyCredentials.objects.filter(pk=credential.pk).aupdate(
-            last_used_at=credential.last_used_at
-        )
+    def result(self) -> ChatResult:
+        text = "".join(self.pieces)
+        return ChatResult(text, self.model, self.usage, _info(self.route), self.cost)
 
 
 def _code_messages(prompt: str) -> list[dict[str, str]]:
@@ -159,30 +155,57 @@ def _code_messages(prompt: str) -> list[dict[str, str]]:
 
 
 class _Call:
-    """One call's bookkeeping: its route once resolved, its clock, its usage record."""
+    """One call's bookkeeping, for sync, async and streaming calls alike.
+
+    Entering resolves the route and starts the clock; leaving writes the usage record
+    with the outcome: "ok", the error's class, or "Cancelled" (the caller went away).
+    """
 
     def __init__(
         self, purpose: Purpose, model: str, credential: APIKeyCredentials | None, user: Any
     ) -> None:
         self.purpose, self.model, self.credential, self.user = purpose, model, credential, user
         self.route: Route | None = None
+        self.result: ChatResult | EmbeddingResult | None = None
         self.started = time.perf_counter()
 
-    def resolve(self, *, allow_inactive: bool = False) -> Route:
-        self.route = resolve_route(
-            self.purpose, self.credential, self.user, allow_inactive=allow_inactive
-        )
+    def __enter__(self) -> Route:
+        try:
+            return self._resolve()
+        except LLMError as error:
+            self.__exit__(type(error), error, None)
+            raise
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        usage_records.record(**self._fields(error))
+
+    async def __aenter__(self) -> Route:
+        try:
+            return self._resolve()
+        except LLMError as error:
+            await self.__aexit__(type(error), error, None)
+            raise
+
+    async def __aexit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        await usage_records.arecord(**self._fields(error))
+
+    def _resolve(self) -> Route:
+        self.route = resolve_route(self.purpose, self.credential, user=self.user)
         return self.route
 
-    def fields(
-        self, outcome: str, result: ChatResult | EmbeddingResult | None = None
-    ) -> dict[str, Any]:
-        user = self.user
+    def _fields(self, error: BaseException | None) -> dict[str, Any]:
+        if error is None:
+            outcome = "ok"
+        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+            outcome = "Cancelled"
+        else:
+            outcome = type(error).__name__
+        result = self.result if error is None else None
         usage = result.usage if result else Usage()
-        cost = result.cost_usd if result else None
+        user = self.user  # a user, None, or PLATFORM (no user id)
         return {
             "credential_id": self.credential.pk if self.credential else None,
-            "user_id": user.pk if user is not None and user.is_authenticated else None,
+            "user_id": user.pk if getattr(user, "is_authenticated", False) else None,
             "purpose": self.purpose,
             "model": (result.model if result and result.model else self.model)[:200],
             "route_source": self.route.source if self.route else "",
@@ -190,82 +213,62 @@ class _Call:
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
-            "cost_usd": usage_records.as_decimal(cost),
+            "cost_usd": usage_records.as_decimal(result.cost_usd if result else None),
             "latency_ms": (time.perf_counter() - self.started) * 1000,
             "outcome": outcome,
         }
 
 
-def _run(call: _Call, send: Callable[[Any], Any], parse: Callable[[Any, Route], R]) -> R:
-    """Resolve, lease a client, send, parse; record the call either way."""
-    try:
-        route = call.resolve()
-        try:
-            with clients.lease(route) as client:
-                raw = send(client)
-        except SDK_ERRORS as error:
-            raise from_sdk_error(error, route, model=call.model) from None
-        result = parse(raw, route)
-    except LLMError as error:
-        usage_records.record(**call.fields(type(error).__name__))
-        raise
-    usage_records.record(**call.fields("ok", result))
-    _touch(call.credential)
+def _run(call: _Call, send: Callable[[Any], Any], read: Callable[[Any, Route], R]) -> R:
+    with call as route, clients.lease(route, model=call.model) as client:
+        result = call.result = read(send(client), route)
     return result
 
 
 async def _arun(
-    call: _Call, send: Callable[[Any], Awaitable[Any]], parse: Callable[[Any, Route], R]
+    call: _Call, send: Callable[[Any], Awaitable[Any]], read: Callable[[Any, Route], R]
 ) -> R:
-    """The async twin of _run."""
-    try:
-        route = call.resolve()
-        try:
-            async with clients.alease(route) as client:
-                raw = await send(client)
-        except SDK_ERRORS as error:
-            raise from_sdk_error(error, route, model=call.model) from None
-        result = parse(raw, route)
-    except LLMError as error:
-        await usage_records.arecord(**call.fields(type(error).__name__))
-        raise
-    await usage_records.arecord(**call.fields("ok", result))
-    await _atouch(call.credential)
+    async with call as route, clients.alease(route, model=call.model) as client:
+        result = call.result = read(await send(client), route)
     return result
 
 
-def _complete(
-    purpose: Purpose,
-    messages: Sequence[dict[str, Any]],
-    model: str,
-    credential: APIKeyCredentials | None,
-    user: Any,
-    options: dict[str, Any],
-) -> ChatResult:
-    return _run(
-        _Call(purpose, model, credential, user),
-        lambda client: client.chat.completions.with_raw_response.create(
-            model=model, messages=list(messages), **options
-        ),
-        _chat_result,
+def _completion(messages: Sequence[dict[str, Any]], model: str, options: dict[str, Any]) -> Any:
+    """The SDK call of a chat completion, for a sync or an async client."""
+    return lambda client: client.chat.completions.with_raw_response.create(
+        model=model, messages=list(messages), **options
     )
 
 
-async def _acomplete(
-    purpose: Purpose,
+def _embedding(texts: Sequence[str], model: str) -> Any:
+    return lambda client: client.embeddings.with_raw_response.create(
+        model=model, input=list(texts), encoding_format="float"
+    )
+
+
+def chat(
+    *,
     messages: Sequence[dict[str, Any]],
     model: str,
-    credential: APIKeyCredentials | None,
-    user: Any,
-    options: dict[str, Any],
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    **options: Any,
 ) -> ChatResult:
-    return await _arun(
-        _Call(purpose, model, credential, user),
-        lambda client: client.chat.completions.with_raw_response.create(
-            model=model, messages=list(messages), **options
-        ),
-        _chat_result,
-    )
+    """A chat completion; `options` go to the SDK (temperature, max_tokens, ...)."""
+    call = _Call("chat", model, credential, user)
+    return _run(call, _completion(messages, model, options), _chat_result)
+
+
+async def achat(
+    *,
+    messages: Sequence[dict[str, Any]],
+    model: str,
+    credential: APIKeyCredentials | None = None,
+    user: Any = None,
+    **options: Any,
+) -> ChatResult:
+    call = _Call("chat", model, credential, user)
+    return await _arun(call, _completion(messages, model, options), _chat_result)
 
 
 async def astream_chat(
@@ -282,72 +285,24 @@ async def astream_chat(
     reader is recorded as "Cancelled".
     """
     call = _Call("chat", model, credential, user)
-    outcome = "Cancelled"
-    try:
-        route = call.resolve()
-        pieces: list[str] = []
-        usage, seen_model, cost = Usage(), model, None
-        try:
-            async with (
-                clients.alease(route) as client,
-                client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
-                    model=model,
-                    messages=list(messages),
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    **options,
-                ) as response,
-            ):
-                cost = _cost(response.headers)
-                async for chunk in await response.parse():
-                    seen_model = chunk.model or seen_model
-                    if chunk.usage:
-                        usage = _usage(chunk)
-                    for choice in chunk.choices:
-                        if choice.delta and choice.delta.content:
-                            pieces.append(choice.delta.content)
-                            yield choice.delta.content
-        except SDK_ERRORS as error:
-            raise from_sdk_error(error, route, model=model) from None
-        except (ValueError, TypeError, AttributeError, KeyError):
-            raise malformed_answer(route) from None
-        result = ChatResult(
-            text="".join(pieces), model=seen_model, usage=usage, route=_info(route), cost_usd=cost
-        )
-        outcome = "ok"
-        await usage_records.arecord(**call.fields("ok", result))
-        await _atouch(credential)
-        yield result
-    except LLMError as error:
-        outcome = type(error).__name__
-        await usage_records.arecord(**call.fields(outcome))
-        raise
-    finally:
-        if outcome == "Cancelled":
-            usage_records.record_soon(**call.fields(outcome))
-
-
-def chat(
-    *,
-    messages: Sequence[dict[str, Any]],
-    model: str,
-    credential: APIKeyCredentials | None = None,
-    user: Any = None,
-    **options: Any,
-) -> ChatResult:
-    """A chat completion; `options` go to the SDK (temperature, max_tokens, ...)."""
-    return _complete("chat", messages, model, credential, user, options)
-
-
-async def achat(
-    *,
-    messages: Sequence[dict[str, Any]],
-    model: str,
-    credential: APIKeyCredentials | None = None,
-    user: Any = None,
-    **options: Any,
-) -> ChatResult:
-    return await _acomplete("chat", messages, model, credential, user, options)
+    async with (
+        call as route,
+        clients.alease(route, model=model) as client,
+        client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+            model=model,
+            messages=list(messages),
+            stream=True,
+            stream_options={"include_usage": True},
+            **options,
+        ) as response,
+    ):
+        answer = _StreamedAnswer(route, model, _cost(response.headers))
+        with reading_answer(route):
+            async for chunk in await response.parse():
+                if piece := answer.add(chunk):
+                    yield piece
+        result = call.result = answer.result()
+    yield result
 
 
 def generate_code(
@@ -358,7 +313,8 @@ def generate_code(
     user: Any = None,
     **options: Any,
 ) -> ChatResult:
-    return _complete("code", _code_messages(prompt), model, credential, user, options)
+    call = _Call("code", model, credential, user)
+    return _run(call, _completion(_code_messages(prompt), model, options), _chat_result)
 
 
 async def agenerate_code(
@@ -369,7 +325,8 @@ async def agenerate_code(
     user: Any = None,
     **options: Any,
 ) -> ChatResult:
-    return await _acomplete("code", _code_messages(prompt), model, credential, user, options)
+    call = _Call("code", model, credential, user)
+    return await _arun(call, _completion(_code_messages(prompt), model, options), _chat_result)
 
 
 def embed(
@@ -379,13 +336,8 @@ def embed(
     credential: APIKeyCredentials | None = None,
     user: Any = None,
 ) -> EmbeddingResult:
-    return _run(
-        _Call("embeddings", model, credential, user),
-        lambda client: client.embeddings.with_raw_response.create(
-            model=model, input=list(texts), encoding_format="float"
-        ),
-        _embedding_result,
-    )
+    call = _Call("embeddings", model, credential, user)
+    return _run(call, _embedding(texts, model), _embedding_result)
 
 
 async def aembed(
@@ -395,42 +347,24 @@ async def aembed(
     credential: APIKeyCredentials | None = None,
     user: Any = None,
 ) -> EmbeddingResult:
-    return await _arun(
-        _Call("embeddings", model, credential, user),
-        lambda client: client.embeddings.with_raw_response.create(
-            model=model, input=list(texts), encoding_format="float"
-        ),
-        _embedding_result,
-    )
+    call = _Call("embeddings", model, credential, user)
+    return await _arun(call, _embedding(texts, model), _embedding_result)
 
 
 def _model_list(page: Any, route: Route, started: float) -> ModelList:
-    try:
+    with reading_answer(route):
         models = sorted(str(model.id) for model in page.data)
-    except (ValueError, TypeError, AttributeError, KeyError):
-        raise malformed_answer(route) from None
     latency = (time.perf_counter() - started) * 1000
     return ModelList(models=models, latency_ms=latency, route=_info(route))
 
 
-def list_models(
-    *,
-    credential: APIKeyCredentials | None = None,
-    user: Any = None,
-    include_inactive: bool = False,
-) -> ModelList:
-    """GET {base}/models with the credential's key: the admin's connection test.
-
-    `include_inactive` lets an admin test a credential before activating it. Listing
-    models is not a usage of the credential: it writes no usage record.
-    """
-    route = resolve_route("chat", credential, user, allow_inactive=include_inactive)
+def list_models(*, credential: APIKeyCredentials | None = None, user: Any = None) -> ModelList:
+    """GET {base}/models with the credential's key. Listing models is not a use of the
+    credential: it writes no usage record."""
+    route = resolve_route("chat", credential, user=user)
     started = time.perf_counter()
-    try:
-        with clients.lease(route) as client:
-            page = client.models.list()
-    except SDK_ERRORS as error:
-        raise from_sdk_error(error, route) from None
+    with clients.lease(route) as client:
+        page = client.models.list()
     return _model_list(page, route, started)
 
 
@@ -438,21 +372,47 @@ async def alist_models(
     *, credential: APIKeyCredentials | None = None, user: Any = None
 ) -> ModelList:
     """The models the credential's key may use (the playground's suggestions)."""
-    route = resolve_route("chat", credential, user)
+    route = resolve_route("chat", credential, user=user)
     started = time.perf_counter()
-    try:
-        async with clients.alease(route) as client:
-            page = await client.models.list()
-    except SDK_ERRORS as error:
-        raise from_sdk_error(error, route) from None
+    async with clients.alease(route) as client:
+        page = await client.models.list()
     return _model_list(page, route, started)
 
 
+def probe(credentials: Sequence[APIKeyCredentials]) -> list[ProbeResult]:
+    """Test the connection of each credential, all at once: the admin's action.
+
+    GET {base}/models with the credential's key, for the platform (inactive and expired
+    credentials included), within LLM_PROBE_TIMEOUT_SECONDS and without retries. The
+    results come in the order of `credentials`.
+    """
+    if not credentials:
+        return []
+    with ThreadPoolExecutor(min(PROBE_THREADS, len(credentials)), "probe") as pool:
+        return list(pool.map(_probe, credentials))
+
+
+def _probe(credential: APIKeyCredentials) -> ProbeResult:
+    started = time.perf_counter()
+    host = urlsplit(credential.effective_base_url).netloc
+    try:
+        route = resolve_route("chat", credential, user=PLATFORM, allow_inactive=True)
+        host = route.host
+        with clients.lease(route, probe=True) as client:
+            listing = _model_list(client.models.list(), route, started)
+    except LLMError as error:
+        latency = (time.perf_counter() - started) * 1000
+        return ProbeResult(credential.title, host, latency, error=str(error))
+    return ProbeResult(credential.title, host, listing.latency_ms, tuple(listing.models))
+
+
 __all__ = [
+    "PLATFORM",
     "ChatResult",
     "EmbeddingResult",
     "LLMError",
     "ModelList",
+    "ProbeResult",
     "RouteInfo",
     "Usage",
     "achat",
@@ -464,4 +424,5 @@ __all__ = [
     "embed",
     "generate_code",
     "list_models",
+    "probe",
 ]

@@ -1,33 +1,36 @@
 """Usage records: one per call, written without slowing the call down.
 
 Records go into a bounded in-memory buffer that a background thread writes in bulk
-every LLM_USAGE_FLUSH_SECONDS (and at process exit). A crash (SIGKILL, power loss)
-loses at most the records of the last interval. A failed write (database down) keeps
-its records for the next flush; when LLM_USAGE_BUFFER_SIZE records are waiting, the
-oldest are dropped and counted in a warning. With LLM_USAGE_FLUSH_SECONDS=0 every
-record is written as the call ends.
+every LLM_USAGE_FLUSH_SECONDS (and at process exit), together with each credential's
+`last_used_at`: a call itself never waits for the database. A crash (SIGKILL, power
+loss) loses at most the records of the last interval. A failed write (database down)
+keeps its records for the next flush; when LLM_USAGE_BUFFER_SIZE records are waiting,
+the oldest are dropped and counted in a warning. With LLM_USAGE_FLUSH_SECONDS=0 every
+record is written as its call ends (in the caller's thread).
+
+Reports over the records (the admin's totals and chart) live in llm.reports.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from datetime import timedelta
+from datetime import datetime
 from decimal import Decimal
 from functools import cache
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections, router, transaction
-from django.db.models import Count, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Q
 from django.utils import timezone
 
+from credentials.models import APIKeyCredentials
 from llm.models import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class UsageBuffer:
                 log.warning("Usage buffer full: %d usage records were dropped.", dropped)
             if records:
                 try:
-                    insert(records)
+                    write(records)
                 except Exception:
                     log.exception("Could not write %d usage records; will retry.", len(records))
                     self._requeue(records)
@@ -117,8 +120,10 @@ def as_row(fields: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def insert(rows: list[tuple[Any, ...]]) -> None:
-    """One executemany for many rows: a twentieth of what bulk_create costs per row.
+def write(rows: list[tuple[Any, ...]]) -> None:
+    """Insert the rows and bring `last_used_at` forward, in one transaction.
+
+    One executemany for many rows: a twentieth of what bulk_create costs per row.
 
     The rows hold values both drivers take as they are (credential ids as hex strings,
     which PostgreSQL casts to uuid; decimals; aware datetimes), except that SQLite wants
@@ -135,9 +140,25 @@ def insert(rows: list[tuple[Any, ...]]) -> None:
         at = [f.attname for f in fields].index("created_at")
         adapt = connection.ops.adapt_datetimefield_value
         params = [(*row[:at], adapt(row[at]), *row[at + 1 :]) for row in rows]
-    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
-        # Quoted names from the model; the values go as parameters.
-        cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", params)  # noqa: S608
+    with transaction.atomic(using=connection.alias):
+        with connection.cursor() as cursor:
+            # Quoted names from the model; the values go as parameters.
+            cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", params)  # noqa: S608
+        for credential_id, used_at in _last_uses(rows).items():
+            APIKeyCredentials.objects.using(connection.alias).filter(
+                Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at), pk=credential_id
+            ).update(last_used_at=used_at)
+
+
+def _last_uses(rows: list[tuple[Any, ...]]) -> dict[str, datetime]:
+    """The latest successful call of each credential among `rows`."""
+    names = [f.attname for f in _fields()]
+    at, credential, outcome = (names.index(n) for n in ("created_at", "credential_id", "outcome"))
+    latest: dict[str, datetime] = {}
+    for row in rows:
+        if row[credential] and row[outcome] == "ok":
+            latest[row[credential]] = max(row[at], latest.get(row[credential], row[at]))
+    return latest
 
 
 _buffer = UsageBuffer(
@@ -152,31 +173,20 @@ def _buffered() -> bool:
 
 def record(**fields: Any) -> None:
     """Record one call (from sync code)."""
+    fields["created_at"] = timezone.now()
     if _buffered():
-        _buffer.add({**fields, "created_at": timezone.now()})
+        _buffer.add(fields)
     else:
-        UsageRecord(**fields).save()
+        write([as_row(fields)])
 
 
 async def arecord(**fields: Any) -> None:
-    """Record one call (from async code): never blocks the event loop on the database."""
+    """Record one call (from async code): with the buffer, no I/O and no thread hop."""
+    fields["created_at"] = timezone.now()
     if _buffered():
-        _buffer.add({**fields, "created_at": timezone.now()})
+        _buffer.add(fields)
     else:
-        await UsageRecord(**fields).asave()
-
-
-def record_soon(**fields: Any) -> None:
-    """Record from where awaiting is not possible (a stream abandoned by its reader)."""
-    if _buffered():
-        _buffer.add({**fields, "created_at": timezone.now()})
-        return
-    task = asyncio.get_running_loop().create_task(UsageRecord(**fields).asave())
-    _pending.add(task)
-    task.add_done_callback(_pending.discard)
-
-
-_pending: set[asyncio.Task[None]] = set()
+        await sync_to_async(write)([as_row(fields)])
 
 
 def flush() -> int:
@@ -185,35 +195,3 @@ def flush() -> int:
 
 def as_decimal(cost: float | None) -> Decimal | None:
     return None if cost is None else Decimal(str(cost))
-
-
-PERIODS = {"24 h": timedelta(hours=24), "7 days": timedelta(days=7), "30 days": timedelta(days=30)}
-
-
-def credential_totals(credential_id: Any) -> list[dict[str, Any]]:
-    """Calls, tokens and cost of one credential over the last 24 h, 7 and 30 days."""
-    now = timezone.now()
-    rows = []
-    for label, period in PERIODS.items():
-        totals = UsageRecord.objects.filter(
-            credential_id=credential_id, created_at__gte=now - period
-        ).aggregate(calls=Count("id"), tokens=Sum("total_tokens"), cost=Sum("cost_usd"))
-        rows.append({"period": label, **totals, "tokens": totals["tokens"] or 0})
-    return rows
-
-
-def daily_cost(credential_id: Any, days: int = 30) -> list[tuple[Any, Decimal]]:
-    """(date, cost) for each of the last `days` days, oldest first, zeros included."""
-    today = timezone.localdate()
-    start = today - timedelta(days=days - 1)
-    found = dict(
-        UsageRecord.objects.filter(credential_id=credential_id, created_at__date__gte=start)
-        .annotate(day=TruncDate("created_at"))
-        .values_list("day")
-        .annotate(cost=Sum("cost_usd"))
-        .values_list("day", "cost")
-    )
-    return [
-        (day, found.get(day) or Decimal(0))
-        for day in (start + timedelta(days=n) for n in range(days))
-    ]

@@ -57,6 +57,8 @@ class Upstream:
         self.cost = cost
         self.behaviour = Behaviour()
         self.requests: list[Recorded] = []
+        self.in_flight = 0
+        self.most_in_flight = 0  # the most requests it was answering at once
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -80,8 +82,17 @@ class Upstream:
         """Distinct client connections the recorded requests came over."""
         return len({request.peer for request in self.requests})
 
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            self.in_flight -= 1
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[self._count])
         app.router.add_get("/v1/models", self.models_view)
         app.router.add_post("/v1/chat/completions", self.chat_view)
         app.router.add_post("/v1/embeddings", self.embeddings_view)

@@ -59,3 +59,34 @@ def test_it_tests_an_inactive_credential_too(admin_client, credential_factory, u
     messages, _ = run_action(admin_client, credential)
 
     assert "Not yet: OK" in messages[0]
+
+
+def test_it_tests_several_credentials_at_once(admin_client, credential_factory, upstream):
+    upstream.respond(delay=1.0)
+    credentials = [
+        credential_factory(title=f"Proxy {n}", base_url=upstream.base_url) for n in range(3)
+    ]
+
+    messages, _ = run_action(admin_client, *credentials)
+
+    assert len(messages) == 3
+    assert all(": OK, " in message for message in messages)
+    assert upstream.most_in_flight == 3
+
+
+def test_it_gives_up_after_the_probe_timeout_without_retrying(
+    admin_client, credential_factory, upstream, settings
+):
+    settings.LLM_PROBE_TIMEOUT_SECONDS = 0.5
+    settings.LLM_MAX_RETRIES = 2  # calls retry; probes never do
+    credential = credential_factory(title="Stuck", base_url=upstream.base_url)
+    upstream.respond(delay=5.0)
+
+    (message,), _ = run_action(admin_client, credential)
+
+    assert message == (
+        f"Stuck: The LLM proxy at 127.0.0.1:{upstream.port} did not answer in time for "
+        f"credential 'Stuck'. Is it overloaded or stuck? Try: curl {upstream.base_url}/models "
+        "(the time budget is LLM_PROBE_TIMEOUT_SECONDS)."
+    )
+    assert len(upstream.requests) == 1

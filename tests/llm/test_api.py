@@ -14,7 +14,6 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.test import AsyncClient, Client
 
-from llm import clients
 from llm.models import PlaygroundChoice
 from tests.conftest import FAKE_KEY, GLOBAL_KEY
 from tests.upstream import free_port
@@ -53,17 +52,14 @@ def stream(user, url: str, body: dict[str, Any]) -> tuple[Any, bytes]:
     async def main() -> tuple[Any, bytes]:
         async_client = AsyncClient()
         await async_client.aforce_login(user)
-        try:
-            response: Any = await async_client.post(
-                url, data=json.dumps(body), content_type="application/json"
-            )
-            if response.streaming:
-                content = b"".join([c async for c in response.streaming_content])
-            else:
-                content = response.content
-            return response, content
-        finally:
-            await clients.aclose_loop_clients()
+        response: Any = await async_client.post(
+            url, data=json.dumps(body), content_type="application/json"
+        )
+        if response.streaming:
+            content = b"".join([c async for c in response.streaming_content])
+        else:
+            content = response.content
+        return response, content
 
     return async_to_sync(main)()
 

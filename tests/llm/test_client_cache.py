@@ -22,7 +22,7 @@ from django.core.management import call_command
 
 import llm.clients
 import llm.services
-from credentials.models import APIKeyCredentials
+from credentials.models import PLATFORM, APIKeyCredentials
 from credentials.secret import Secret
 from llm.clients import ClientCache, cache_stats, get_client, shared_ssl_context
 from llm.errors import LLMError
@@ -40,7 +40,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 def clean_cache():
     """Every test starts with an empty cache and leaves one behind."""
     llm.clients.evict()
-    llm.services._touched.clear()
     yield
     llm.clients.evict()
 
@@ -75,6 +74,7 @@ def test_it_reuses_one_client_and_its_connection_for_a_route(credential_factory,
             messages=[{"role": "user", "content": f"call {number}"}],
             model=MODEL,
             credential=credential,
+            user=PLATFORM,
         )
         assert result.text == f"echo: call {number}"
 
@@ -88,11 +88,11 @@ def test_it_gives_each_route_its_own_client(credential_factory, upstream):
     first = credential_factory(base_url=upstream.base_url, api_key=OLD_KEY)
     second = credential_factory(base_url=upstream.base_url, api_key=NEW_KEY)
 
-    client_a = get_client(resolve_route("chat", first))
-    client_b = get_client(resolve_route("chat", second))
+    client_a = get_client(resolve_route("chat", first, user=PLATFORM))
+    client_b = get_client(resolve_route("chat", second, user=PLATFORM))
 
     assert client_a is not client_b
-    assert get_client(resolve_route("chat", first)) is client_a
+    assert get_client(resolve_route("chat", first, user=PLATFORM)) is client_a
     assert cache_stats()["clients"] == 2
 
 
@@ -101,14 +101,19 @@ def test_it_gives_each_route_its_own_client(credential_factory, upstream):
 
 def test_it_uses_a_new_key_on_the_next_call_after_an_edit(credential_factory, upstream):
     credential = credential_factory(base_url=upstream.base_url, api_key=OLD_KEY)
-    chat(messages=HELLO, model=MODEL, credential=credential)
-    old_client = get_client(resolve_route("chat", credential))
+    chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
+    old_client = get_client(resolve_route("chat", credential, user=PLATFORM))
 
     credential.api_key = NEW_KEY
     credential.save()
-    chat(messages=HELLO, model=MODEL, credential=credential)
+    chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
     # Another request, another instance: read back from the database.
-    chat(messages=HELLO, model=MODEL, credential=APIKeyCredentials.objects.get(pk=credential.pk))
+    chat(
+        messages=HELLO,
+        model=MODEL,
+        credential=APIKeyCredentials.objects.get(pk=credential.pk),
+        user=PLATFORM,
+    )
 
     assert [r.authorization for r in upstream.requests] == [
         bearer(OLD_KEY),
@@ -124,8 +129,8 @@ def test_it_moves_to_the_new_server_on_the_next_call_after_an_edit(
 ):
     old_server, new_server = start_upstream(), start_upstream()
     credential = credential_factory(base_url=old_server.base_url, api_key=OLD_KEY)
-    chat(messages=HELLO, model=MODEL, credential=credential)
-    old_client = get_client(resolve_route("chat", credential))
+    chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
+    old_client = get_client(resolve_route("chat", credential, user=PLATFORM))
 
     loaded = APIKeyCredentials.objects.get(pk=credential.pk)
     loaded.base_url = new_server.base_url
@@ -133,7 +138,10 @@ def test_it_moves_to_the_new_server_on_the_next_call_after_an_edit(
     loaded.full_clean()
     loaded.save()
     result = chat(
-        messages=HELLO, model=MODEL, credential=APIKeyCredentials.objects.get(pk=credential.pk)
+        messages=HELLO,
+        model=MODEL,
+        credential=APIKeyCredentials.objects.get(pk=credential.pk),
+        user=PLATFORM,
     )
 
     assert [r.authorization for r in old_server.requests] == [bearer(OLD_KEY)]
@@ -146,10 +154,10 @@ def test_it_moves_to_the_new_server_on_the_next_call_after_an_edit(
 def test_it_closes_the_clients_of_a_deleted_credential(credential_factory, upstream):
     doomed = credential_factory(title="Doomed", base_url=upstream.base_url, api_key=OLD_KEY)
     kept = credential_factory(title="Kept", base_url=upstream.base_url, api_key=NEW_KEY)
-    chat(messages=HELLO, model=MODEL, credential=doomed)
-    chat(messages=HELLO, model=MODEL, credential=kept)
-    doomed_client = get_client(resolve_route("chat", doomed))
-    kept_client = get_client(resolve_route("chat", kept))
+    chat(messages=HELLO, model=MODEL, credential=doomed, user=PLATFORM)
+    chat(messages=HELLO, model=MODEL, credential=kept, user=PLATFORM)
+    doomed_client = get_client(resolve_route("chat", doomed, user=PLATFORM))
+    kept_client = get_client(resolve_route("chat", kept, user=PLATFORM))
     assert cache_stats()["clients"] == 2
 
     doomed.delete()
@@ -157,19 +165,20 @@ def test_it_closes_the_clients_of_a_deleted_credential(credential_factory, upstr
     assert doomed_client.is_closed()
     assert not kept_client.is_closed()
     assert cache_stats()["clients"] == 1
-    assert chat(messages=HELLO, model=MODEL, credential=kept).text == "echo: hello"
+    assert chat(messages=HELLO, model=MODEL, credential=kept, user=PLATFORM).text == "echo: hello"
 
 
 def test_it_closes_the_clients_of_rotated_credentials(
     credential_factory, upstream, settings, django_capture_on_commit_callbacks
 ):
     rotated = credential_factory(title="Rotated", base_url=upstream.base_url, api_key=OLD_KEY)
-    chat(messages=HELLO, model=MODEL, credential=rotated)
-    client = get_client(resolve_route("chat", rotated))
+    chat(messages=HELLO, model=MODEL, credential=rotated, user=PLATFORM)
+    client = get_client(resolve_route("chat", rotated, user=PLATFORM))
     settings.CREDENTIALS_ENCRYPTION_KEYS = [Fernet.generate_key().decode(), TEST_FERNET_KEY]
-    llm.services._touched.clear()
-    chat(messages=HELLO, model=MODEL, credential=rotated)  # setting change: a fresh client
-    client = get_client(resolve_route("chat", rotated))
+    chat(
+        messages=HELLO, model=MODEL, credential=rotated, user=PLATFORM
+    )  # setting change: a fresh client
+    client = get_client(resolve_route("chat", rotated, user=PLATFORM))
 
     with django_capture_on_commit_callbacks(execute=True):  # each batch commits
         call_command("rotate_credential_keys", stdout=io.StringIO())
@@ -177,7 +186,9 @@ def test_it_closes_the_clients_of_rotated_credentials(
     assert client.is_closed()
     assert cache_stats()["clients"] == 0
     reloaded = APIKeyCredentials.objects.get(pk=rotated.pk)
-    assert chat(messages=HELLO, model=MODEL, credential=reloaded).text == "echo: hello"
+    assert (
+        chat(messages=HELLO, model=MODEL, credential=reloaded, user=PLATFORM).text == "echo: hello"
+    )
     assert upstream.requests[-1].authorization == bearer(OLD_KEY)
 
 
@@ -185,14 +196,17 @@ def test_it_lets_a_call_in_flight_finish_when_its_credential_is_renamed(transact
     credential = APIKeyCredentials(title="Busy", base_url=upstream.base_url, api_key=OLD_KEY)
     credential.save()
     # Warm up: the client exists, and last_used_at was just written (no write from the thread).
-    chat(messages=HELLO, model=MODEL, credential=credential)
+    chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
     upstream.respond(delay=1.0)
     outcome: dict[str, object] = {}
 
     def slow_call() -> None:
         try:
             outcome["text"] = chat(
-                messages=[{"role": "user", "content": "slow"}], model=MODEL, credential=credential
+                messages=[{"role": "user", "content": "slow"}],
+                model=MODEL,
+                credential=credential,
+                user=PLATFORM,
             ).text
         except LLMError as error:
             outcome["error"] = str(error)
@@ -297,14 +311,8 @@ def test_it_gives_each_event_loop_its_own_async_client(db, global_route):
     before = cache_stats()
 
     async def one_run(number: int) -> str:
-        try:
-            result = await achat(
-                messages=[{"role": "user", "content": f"run {number}"}],
-                model=MODEL,
-            )
-            return result.text
-        finally:
-            await llm.clients.aclose_loop_clients()
+        result = await achat(messages=[{"role": "user", "content": f"run {number}"}], model=MODEL)
+        return result.text
 
     first = async_to_sync(one_run)(1)
     after_first = cache_stats()
@@ -313,7 +321,7 @@ def test_it_gives_each_event_loop_its_own_async_client(db, global_route):
     assert (first, second) == ("echo: run 1", "echo: run 2")
     assert after_first["builds"] - before["builds"] == 1
     assert cache_stats()["builds"] - before["builds"] == 2
-    # aclose_loop_clients took each run's client out of the cache.
+    # The end of each run's event loop closed its client and took it out of the cache.
     assert after_first["clients"] == before["clients"]
     assert cache_stats()["clients"] == before["clients"]
     assert [r.authorization for r in upstream.requests] == [bearer(GLOBAL_KEY)] * 2
@@ -324,11 +332,8 @@ def test_it_shares_the_async_client_within_one_loop(db, global_route):
     before = cache_stats()["builds"]
 
     async def main() -> list[str]:
-        try:
-            results = [await achat(messages=HELLO, model=MODEL) for _ in range(20)]
-            return [result.text for result in results]
-        finally:
-            await llm.clients.aclose_loop_clients()
+        results = [await achat(messages=HELLO, model=MODEL) for _ in range(20)]
+        return [result.text for result in results]
 
     texts = async_to_sync(main)()
 
@@ -348,7 +353,7 @@ def test_it_does_not_follow_a_redirect_with_the_key(credential_factory, start_up
     )
 
     with pytest.raises(LLMError):
-        chat(messages=HELLO, model=MODEL, credential=credential)
+        chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
 
     assert len(proxy.requests) == 1
     assert elsewhere.requests == []
@@ -364,10 +369,7 @@ def test_it_does_not_follow_a_redirect_with_the_key_from_async_calls(
     )
 
     async def main() -> None:
-        try:
-            await achat(messages=HELLO, model=MODEL, credential=credential)
-        finally:
-            await llm.clients.aclose_loop_clients()
+        await achat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
 
     with pytest.raises(LLMError):
         async_to_sync(main)()

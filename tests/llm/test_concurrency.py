@@ -15,9 +15,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection, connections
 
-import llm.clients
-import llm.services
-from credentials.models import APIKeyCredentials
+from credentials.models import PLATFORM, APIKeyCredentials
 from llm.services import achat, chat
 
 MODEL = "gpt-test-mini"
@@ -32,7 +30,6 @@ def key_of(index: int) -> str:
 @pytest.fixture
 def credentials(transactional_db, upstream):
     """Ten credentials with ten keys, all pointing at the one `upstream`."""
-    llm.services._touched.clear()
     made = []
     for index in range(CREDENTIALS):
         credential = APIKeyCredentials(
@@ -82,6 +79,7 @@ def test_it_keeps_keys_apart_across_50_threads(credentials, upstream):
                     messages=[{"role": "user", "content": content}],
                     model=MODEL,
                     credential=credential,
+                    user=PLATFORM,
                 )
                 answers.append((result.text, content))
             return answers
@@ -103,7 +101,10 @@ def test_it_keeps_keys_apart_across_200_tasks(credentials, upstream):
         credential = credentials[number % CREDENTIALS]
         content = f"from {credential.title} call {number}"
         result = await achat(
-            messages=[{"role": "user", "content": content}], model=MODEL, credential=credential
+            messages=[{"role": "user", "content": content}],
+            model=MODEL,
+            credential=credential,
+            user=PLATFORM,
         )
         return result.text, content
 
@@ -111,8 +112,7 @@ def test_it_keeps_keys_apart_across_200_tasks(credentials, upstream):
         try:
             return await asyncio.gather(*(one(number) for number in range(200)))
         finally:
-            await llm.clients.aclose_loop_clients()
-            # The async ORM wrote last_used_at from its own thread: close that connection.
+            # Usage records were written from asgiref's thread: close its connection.
             await sync_to_async(connections.close_all)()
 
     results = asyncio.run(main())

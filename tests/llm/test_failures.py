@@ -19,8 +19,8 @@ from asgiref.sync import async_to_sync
 from cryptography.fernet import Fernet
 from django.utils import timezone
 
-from credentials.models import APIKeyCredentials
-from llm import clients, services
+from credentials.models import PLATFORM, APIKeyCredentials
+from llm import services
 from llm.errors import (
     CredentialRejected,
     CredentialUnavailable,
@@ -43,7 +43,7 @@ IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
 
 
 def call(service, *, model="gpt-test-mini", **kwargs):
-    """Run one service as its callers do: async ones on their own loop, closing its clients."""
+    """Run one service as its callers do: async ones on their own loop."""
     if service == "chat":
         return services.chat(messages=MESSAGES, model=model, **kwargs)
     if service == "generate_code":
@@ -52,12 +52,9 @@ def call(service, *, model="gpt-test-mini", **kwargs):
         return services.embed(texts=["hello"], model=model, **kwargs)
 
     async def run():
-        try:
-            if service == "achat":
-                return await services.achat(messages=MESSAGES, model=model, **kwargs)
-            return await services.aembed(texts=["hello"], model=model, **kwargs)
-        finally:
-            await clients.aclose_loop_clients()
+        if service == "achat":
+            return await services.achat(messages=MESSAGES, model=model, **kwargs)
+        return await services.aembed(texts=["hello"], model=model, **kwargs)
 
     return async_to_sync(run)()
 
@@ -177,7 +174,7 @@ def test_it_maps_each_upstream_failure_to_a_sentence(scenario, service, upstream
     behaviour, kind, status, fragments = SCRIPTED[scenario]
     upstream.respond(**behaviour)
 
-    error = failure(service, credential=credential, model="gpt-nope")
+    error = failure(service, credential=credential, user=PLATFORM, model="gpt-nope")
 
     assert type(error) is kind
     assert error.status == status
@@ -196,7 +193,7 @@ def test_it_maps_each_upstream_failure_to_a_sentence(scenario, service, upstream
 def test_it_names_the_credential_when_the_answer_is_not_json(service, upstream, credential):
     upstream.respond(mode="garbage")
 
-    error = failure(service, credential=credential)
+    error = failure(service, credential=credential, user=PLATFORM)
 
     assert type(error) is UpstreamError
     assert WHO in error.message
@@ -213,7 +210,7 @@ def test_it_scrubs_a_key_the_upstream_echoes_back(
     # A careless proxy quotes the key it was sent in its error message.
     upstream.respond(status=status, body={"error": {"message": f"invalid key {LEAK_KEY}"}})
 
-    error = failure(service, credential=credential)
+    error = failure(service, credential=credential, user=PLATFORM)
 
     assert type(error) is kind
     assert 'It said: "invalid key [key]"' in error.message
@@ -232,7 +229,7 @@ def test_it_reports_a_closed_port_as_unreachable(service, credential_factory, lo
         title=TITLE, api_key=LEAK_KEY, base_url=f"http://127.0.0.1:{port}/v1"
     )
 
-    error = failure(service, credential=credential)
+    error = failure(service, credential=credential, user=PLATFORM)
 
     assert type(error) is ProxyUnreachable
     assert error.status == 502
@@ -252,7 +249,7 @@ def test_it_keeps_the_key_out_of_async_connection_failures(
     credential = credential_factory(title=TITLE, api_key=LEAK_KEY, base_url=base_url)
     upstream.respond(mode="drop")
 
-    error = failure(service, credential=credential)
+    error = failure(service, credential=credential, user=PLATFORM)
 
     assert error.status == 502
     expected = "connection refused" if how == "closed port" else "closed the connection"
@@ -270,7 +267,7 @@ def test_it_gives_up_on_a_silent_upstream_within_the_time_budget(
     upstream.respond(mode="hang")
 
     started = time.monotonic()
-    error = failure(service, credential=credential)
+    error = failure(service, credential=credential, user=PLATFORM)
     elapsed = time.monotonic() - started
 
     assert type(error) is ProxyUnreachable
@@ -311,7 +308,7 @@ def test_it_refuses_a_base_url_the_policy_no_longer_allows(
 ):
     settings.LLM_ALLOWED_BASE_URL_HOSTS = ["only-this-host"]
 
-    error = failure(service, credential=credential)
+    error = failure(service, credential=credential, user=PLATFORM)
 
     assert type(error) is CredentialUnavailable
     assert error.reason == "base_url_refused"
@@ -349,7 +346,7 @@ def make_undecryptable(credential, settings, **_):
 UNUSABLE: dict[str, tuple[Any, int, bool]] = {
     "inactive": (make_inactive, 403, True),
     "expired": (make_expired, 403, True),
-    "not_usable": (make_foreign, 404, False),
+    "not_yours": (make_foreign, 404, False),
     "undecryptable": (make_undecryptable, 503, True),
 }
 
@@ -362,7 +359,7 @@ def test_it_makes_no_call_with_an_unusable_credential(
     make, status, names_title = UNUSABLE[reason]
     credential, extra = make(credential, settings=settings, django_user_model=django_user_model)
 
-    error = failure(service, credential=credential, **extra)
+    error = failure(service, credential=credential, **{"user": PLATFORM, **extra})
 
     assert type(error) is CredentialUnavailable
     assert (error.reason, error.status) == (reason, status)

@@ -14,8 +14,10 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-import llm.services
-from credentials.models import APIKeyCredentials
+from credentials.models import PLATFORM, APIKeyCredentials
+from llm import usage
+from llm.errors import LLMError
+from llm.models import UsageRecord
 from llm.routes import Route, resolve_route
 from llm.services import CODE_INSTRUCTIONS, chat, embed, generate_code
 from tests.conftest import FAKE_KEY, GLOBAL_KEY, run_manage, subprocess_env
@@ -53,9 +55,21 @@ def test_it_sends_each_credential_to_its_own_server_with_its_own_key(
     first = credential_factory(title="A", base_url=server_a.base_url, api_key=KEY_A)
     second = credential_factory(title="B", base_url=server_b.base_url, api_key=KEY_B)
 
-    chat(messages=[{"role": "user", "content": "to a"}], model=MODEL, credential=first)
-    chat(messages=[{"role": "user", "content": "to b"}], model=MODEL, credential=second)
-    chat(messages=[{"role": "user", "content": "to a again"}], model=MODEL, credential=first)
+    chat(
+        messages=[{"role": "user", "content": "to a"}], model=MODEL, credential=first, user=PLATFORM
+    )
+    chat(
+        messages=[{"role": "user", "content": "to b"}],
+        model=MODEL,
+        credential=second,
+        user=PLATFORM,
+    )
+    chat(
+        messages=[{"role": "user", "content": "to a again"}],
+        model=MODEL,
+        credential=first,
+        user=PLATFORM,
+    )
 
     assert [r.body["messages"][0]["content"] for r in server_a.requests] == ["to a", "to a again"]
     assert [r.body["messages"][0]["content"] for r in server_b.requests] == ["to b"]
@@ -73,7 +87,7 @@ def test_it_sends_a_credential_without_base_url_to_the_global_default_with_its_o
     public, internal = two_defaults
     credential = credential_factory(base_url="", api_key=KEY_A)
 
-    result = chat(messages=HELLO, model=MODEL, credential=credential)
+    result = chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
 
     assert result.text == "echo: hello there"
     assert [r.authorization for r in public.requests] == [bearer(KEY_A)]
@@ -88,7 +102,7 @@ def test_it_sends_embeddings_of_a_credential_without_base_url_to_the_internal_de
     public, internal = two_defaults
     credential = credential_factory(base_url="", api_key=KEY_A)
 
-    result = embed(texts=["one"], model="embed-test", credential=credential)
+    result = embed(texts=["one"], model="embed-test", credential=credential, user=PLATFORM)
 
     assert [(r.path, r.authorization) for r in internal.requests] == [
         ("/v1/embeddings", bearer(KEY_A))
@@ -102,8 +116,8 @@ def test_it_never_sends_the_global_key_when_a_credential_was_chosen(
 ):
     credential = credential_factory(base_url="", api_key=KEY_B)
 
-    chat(messages=HELLO, model=MODEL, credential=credential)
-    embed(texts=["one"], model="embed-test", credential=credential)
+    chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
+    embed(texts=["one"], model="embed-test", credential=credential, user=PLATFORM)
 
     assert [r.authorization for r in global_route.requests] == [bearer(KEY_B)] * 2
     assert all(GLOBAL_KEY not in json.dumps(r.headers) for r in global_route.requests)
@@ -179,7 +193,7 @@ def test_it_makes_the_internal_defaults_follow_the_public_ones_when_unset():
 def test_it_resolves_a_credential_route(credential_factory, upstream):
     credential = credential_factory(title="Team", base_url=upstream.base_url, api_key=KEY_A)
 
-    route = resolve_route("chat", credential)
+    route = resolve_route("chat", credential, user=PLATFORM)
 
     assert isinstance(route, Route)
     assert route.source == "credential"
@@ -195,9 +209,9 @@ def test_it_resolves_a_credential_route(credential_factory, upstream):
 def test_it_resolves_the_global_and_internal_routes(db, two_defaults):
     public, internal = two_defaults
 
-    chat_route = resolve_route("chat")
-    code_route = resolve_route("code")
-    embeddings_route = resolve_route("embeddings")
+    chat_route = resolve_route("chat", user=None)
+    code_route = resolve_route("code", user=None)
+    embeddings_route = resolve_route("embeddings", user=None)
 
     assert (chat_route.source, chat_route.host) == ("global", f"127.0.0.1:{public.port}")
     assert (code_route.source, code_route.host) == ("global", f"127.0.0.1:{public.port}")
@@ -212,7 +226,7 @@ def test_it_resolves_the_global_and_internal_routes(db, two_defaults):
 
 
 def test_it_returns_a_frozen_route(db, two_defaults):
-    route = resolve_route("chat")
+    route = resolve_route("chat", user=None)
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         route.base_url = "http://elsewhere:4000/v1"  # type: ignore[misc]
@@ -230,7 +244,7 @@ def test_it_returns_the_chat_text_model_usage_and_route(credential_factory, upst
         {"role": "user", "content": "say hi twice"},
     ]
 
-    result = chat(messages=messages, model="gpt-test-large", credential=credential)
+    result = chat(messages=messages, model="gpt-test-large", credential=credential, user=PLATFORM)
 
     assert result.text == "echo: say hi twice"
     assert result.model == "gpt-test-large"
@@ -250,7 +264,7 @@ def test_it_returns_embeddings_in_input_order(credential_factory, upstream):
     credential = credential_factory(base_url=upstream.base_url, api_key=KEY_A)
     texts = ["a", "three", "twelve chars"]
 
-    result = embed(texts=texts, model="embed-test", credential=credential)
+    result = embed(texts=texts, model="embed-test", credential=credential, user=PLATFORM)
 
     # The server's vector for text i is [len(text), i, 0.5].
     assert result.vectors == [[1.0, 0.0, 0.5], [5.0, 1.0, 0.5], [12.0, 2.0, 0.5]]
@@ -266,7 +280,9 @@ def test_it_returns_embeddings_in_input_order(credential_factory, upstream):
 def test_it_sends_generate_code_as_a_system_message_and_the_prompt(credential_factory, upstream):
     credential = credential_factory(base_url=upstream.base_url, api_key=KEY_A)
 
-    result = generate_code(prompt="write fizzbuzz", model=MODEL, credential=credential)
+    result = generate_code(
+        prompt="write fizzbuzz", model=MODEL, credential=credential, user=PLATFORM
+    )
 
     assert upstream.requests[0].body["messages"] == [
         {"role": "system", "content": CODE_INSTRUCTIONS},
@@ -281,8 +297,17 @@ def test_it_sends_generate_code_as_a_system_message_and_the_prompt(credential_fa
 def test_it_passes_options_to_the_upstream(credential_factory, upstream):
     credential = credential_factory(base_url=upstream.base_url, api_key=KEY_A)
 
-    chat(messages=HELLO, model=MODEL, credential=credential, temperature=0.2, max_tokens=5)
-    generate_code(prompt="x", model=MODEL, credential=credential, temperature=0.0, top_p=0.5)
+    chat(
+        messages=HELLO,
+        model=MODEL,
+        credential=credential,
+        temperature=0.2,
+        max_tokens=5,
+        user=PLATFORM,
+    )
+    generate_code(
+        prompt="x", model=MODEL, credential=credential, temperature=0.0, top_p=0.5, user=PLATFORM
+    )
 
     chat_body, code_body = (r.body for r in upstream.requests)
     assert (chat_body["temperature"], chat_body["max_tokens"]) == (0.2, 5)
@@ -294,7 +319,7 @@ def test_it_reports_the_cost_the_proxy_sends(credential_factory, start_upstream)
     server = start_upstream(cost="0.00042")
     credential = credential_factory(base_url=server.base_url, api_key=KEY_A)
 
-    result = chat(messages=HELLO, model=MODEL, credential=credential)
+    result = chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
 
     assert result.cost_usd == 0.00042
 
@@ -303,31 +328,43 @@ def test_it_reports_the_cost_the_proxy_sends(credential_factory, start_upstream)
 
 
 def test_it_records_when_a_credential_was_last_used(credential_factory, upstream):
-    llm.services._touched.clear()
     credential = credential_factory(base_url=upstream.base_url, api_key=KEY_A)
     assert APIKeyCredentials.objects.get(pk=credential.pk).last_used_at is None
 
-    chat(messages=HELLO, model=MODEL, credential=credential)
+    chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
 
     assert APIKeyCredentials.objects.get(pk=credential.pk).last_used_at is not None
 
 
-def test_it_writes_last_used_at_at_most_once_a_minute(credential_factory, upstream):
-    llm.services._touched.clear()
+def test_a_failed_call_does_not_count_as_a_use(credential_factory, upstream):
     credential = credential_factory(base_url=upstream.base_url, api_key=KEY_A)
-    table = APIKeyCredentials._meta.db_table
+    upstream.respond(status=500)
 
-    with CaptureQueriesContext(connection) as queries:
+    with pytest.raises(LLMError):
+        chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
+
+    assert APIKeyCredentials.objects.get(pk=credential.pk).last_used_at is None
+
+
+def test_calls_write_nothing_and_each_flush_writes_last_used_at_once(
+    transactional_db, credential_factory, upstream, settings, monkeypatch
+):
+    settings.LLM_USAGE_FLUSH_SECONDS = 3600
+    # A buffer of the test's own, whose flusher thread sleeps: the test flushes by hand.
+    monkeypatch.setattr(usage, "_buffer", usage.UsageBuffer(maxsize=100, interval=3600))
+    credential = credential_factory(base_url=upstream.base_url, api_key=KEY_A)
+
+    with CaptureQueriesContext(connection) as during_calls:
         for _ in range(21):
-            chat(messages=HELLO, model=MODEL, credential=credential)
+            chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
+    with CaptureQueriesContext(connection) as flushing:
+        assert usage.flush() == 21
 
-    updates = [q["sql"] for q in queries if q["sql"].lstrip().upper().startswith("UPDATE")]
-    assert len(updates) == 1
-    assert table in updates[0]
     assert len(upstream.requests) == 21
-    first = APIKeyCredentials.objects.get(pk=credential.pk).last_used_at
-    assert first is not None
-
-    chat(messages=HELLO, model=MODEL, credential=credential)
-
-    assert APIKeyCredentials.objects.get(pk=credential.pk).last_used_at == first
+    assert during_calls.captured_queries == []
+    updates = [q["sql"] for q in flushing if q["sql"].lstrip().upper().startswith("UPDATE")]
+    assert len(updates) == 1
+    assert APIKeyCredentials._meta.db_table in updates[0]
+    assert UsageRecord.objects.filter(credential=credential, outcome="ok").count() == 21
+    last = APIKeyCredentials.objects.get(pk=credential.pk).last_used_at
+    assert last == UsageRecord.objects.filter(credential=credential).latest("created_at").created_at

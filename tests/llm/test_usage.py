@@ -17,8 +17,9 @@ from django.test import AsyncClient
 from django.utils import timezone
 
 import llm.usage
-from llm import clients, services
-from llm.errors import LLMError
+from credentials.models import PLATFORM
+from llm import services
+from llm.errors import CredentialUnavailable, LLMError
 from llm.models import UsageRecord
 from llm.usage import UsageBuffer
 from tests.conftest import FAKE_KEY, GLOBAL_KEY, database_url, run_manage, subprocess_env
@@ -49,13 +50,10 @@ def assert_record(record: UsageRecord, **expected: Any) -> None:
 
 
 def run_async(call):
-    """Run an async service on its own loop, as a command would, closing its clients."""
+    """Run an async service on its own loop, as a command would."""
 
     async def main():
-        try:
-            return await call()
-        finally:
-            await clients.aclose_loop_clients()
+        return await call()
 
     return async_to_sync(main)()
 
@@ -145,10 +143,19 @@ def test_embeddings_record_the_cost_the_proxy_reported(credential, alice):
     assert the_record().cost_usd == Decimal("0.0042")
 
 
-def test_a_call_without_a_user_records_no_user(credential):
-    services.chat(messages=HELLO, model=MODEL, credential=credential)
+def test_a_platform_call_records_no_user(credential):
+    services.chat(messages=HELLO, model=MODEL, credential=credential, user=PLATFORM)
 
     assert_record(the_record(), user=None, credential=credential, outcome="ok")
+
+
+def test_a_call_for_nobody_may_not_use_a_credential_and_is_recorded(credential, costly):
+    error = fail(lambda: services.chat(messages=HELLO, model=MODEL, credential=credential))
+
+    assert isinstance(error, CredentialUnavailable)
+    assert error.status == 404
+    assert costly.requests == []
+    assert_record(the_record(), user=None, credential=credential, outcome="CredentialUnavailable")
 
 
 # ---- failures --------------------------------------------------------------------------
@@ -280,13 +287,10 @@ def test_a_streamed_chat_is_recorded_with_the_final_chunks_usage(alice, credenti
     async def main():
         async_client = AsyncClient()
         await async_client.aforce_login(alice)
-        try:
-            response: Any = await async_client.post(
-                "/api/llm/chat", data=json.dumps(body), content_type="application/json"
-            )
-            return response, b"".join([c async for c in response.streaming_content])
-        finally:
-            await clients.aclose_loop_clients()
+        response: Any = await async_client.post(
+            "/api/llm/chat", data=json.dumps(body), content_type="application/json"
+        )
+        return response, b"".join([c async for c in response.streaming_content])
 
     response, content = async_to_sync(main)()
 

@@ -1,0 +1,44 @@
+"""Reports over the usage records: what the admin shows for a credential."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from llm.models import UsageRecord
+
+PERIODS = {"24 h": timedelta(hours=24), "7 days": timedelta(days=7), "30 days": timedelta(days=30)}
+
+
+def credential_totals(credential_id: Any) -> list[dict[str, Any]]:
+    """Calls, tokens and cost of one credential over the last 24 h, 7 and 30 days."""
+    now = timezone.now()
+    rows = []
+    for label, period in PERIODS.items():
+        totals = UsageRecord.objects.filter(
+            credential_id=credential_id, created_at__gte=now - period
+        ).aggregate(calls=Count("id"), tokens=Sum("total_tokens"), cost=Sum("cost_usd"))
+        rows.append({"period": label, **totals, "tokens": totals["tokens"] or 0})
+    return rows
+
+
+def daily_cost(credential_id: Any, days: int = 30) -> list[tuple[Any, Decimal]]:
+    """(date, cost) for each of the last `days` days, oldest first, zeros included."""
+    today = timezone.localdate()
+    start = today - timedelta(days=days - 1)
+    found = dict(
+        UsageRecord.objects.filter(credential_id=credential_id, created_at__date__gte=start)
+        .annotate(day=TruncDate("created_at"))
+        .values_list("day")
+        .annotate(cost=Sum("cost_usd"))
+        .values_list("day", "cost")
+    )
+    return [
+        (day, found.get(day) or Decimal(0))
+        for day in (start + timedelta(days=n) for n in range(days))
+    ]
