@@ -50,8 +50,10 @@ run: setup .env
 	  --reload --reload-dir platform_site --reload-dir credentials --reload-dir llm
 
 # Production: see README "Production". Settings come from the environment (or .env).
-WORKERS ?= 2
+# Several workers share sessions and changes through Redis: one worker without it.
+WORKERS ?= $(if $(filter redis%,$(CACHE_URL)),2,1)
 serve: setup
+	$(PY) manage.py check --deploy
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py collectstatic --no-input --verbosity 0
 	$(PY) -m uvicorn platform_site.asgi:application --host $(HOST) --port $(PORT) \

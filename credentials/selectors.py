@@ -1,4 +1,8 @@
-"""Who may use which credential: the one place that answers it."""
+"""Reads of credentials for a user, by the one rule: `CredentialQuerySet.usable_by`.
+
+The async lookup serves a credential from this process's copies (platform_site.copies),
+so the API's hot path reads no database; sync code reads the database.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,15 @@ import uuid
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db.models import Q, QuerySet
-from django.utils import timezone
+from django.db.models import QuerySet
 
 from credentials.models import APIKeyCredentials
+from platform_site.copies import LocalCopies
 
 
 def usable_credentials(user: Any) -> QuerySet[APIKeyCredentials]:
-    """Active, unexpired credentials that `user` owns or that are shared; none if anonymous."""
-    if user is None or not user.is_authenticated:
-        return APIKeyCredentials.objects.none()
-    return APIKeyCredentials.objects.filter(
-        Q(owner=user) | Q(owner__isnull=True),
-        Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()),
-        is_active=True,
-    )
+    """The credentials `user` may use: their own and the shared ones, live."""
+    return APIKeyCredentials.objects.usable_by(user)
 
 
 def usable_credential(user: Any, credential_id: uuid.UUID | str) -> APIKeyCredentials | None:
@@ -31,8 +29,20 @@ def usable_credential(user: Any, credential_id: uuid.UUID | str) -> APIKeyCreden
         return None
 
 
+def _load(credential_id: uuid.UUID) -> APIKeyCredentials | None:
+    return APIKeyCredentials.objects.filter(pk=credential_id).first()
+
+
+_copies: LocalCopies[uuid.UUID, APIKeyCredentials] = LocalCopies("credentials", _load)
+
+
 async def ausable_credential(user: Any, credential_id: uuid.UUID | str) -> APIKeyCredentials | None:
+    """`usable_credential` for async code, without a thread hop while the copy is fresh."""
     try:
-        return await usable_credentials(user).aget(pk=credential_id)
-    except (APIKeyCredentials.DoesNotExist, ValidationError, ValueError, TypeError):
+        pk = credential_id if isinstance(credential_id, uuid.UUID) else uuid.UUID(credential_id)
+    except (ValueError, TypeError, AttributeError):
         return None
+    credential = await _copies.aget(pk)
+    if credential is None or credential.unusable_by(user) is not None:
+        return None
+    return credential

@@ -1,12 +1,16 @@
-"""Pages and the JSON API. Views parse, call one service, answer; all async.
+"""Pages and the JSON API. Views parse, call one service, answer.
 
-Failures answer with the status and sentence of their LLMError (or a 400 with field
-errors for bad input, 401 when not signed in, 404 for a credential the user may not
-use), never with a 500 page or the key.
+The API, the playground's send and the probes are async and, once warm, make no sync
+call: the session, the user and the credential come from caches (platform_site), usage
+is buffered. The playground page, which queries and renders, is a sync view: it runs in
+a thread of its own. Failures answer with the status and sentence of their LLMError (or
+a 400 with field errors for bad input, 401 when not signed in, 404 for a credential the
+user may not use), never with a 500 page or the key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -17,7 +21,6 @@ from urllib.parse import urlsplit
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
@@ -39,10 +42,15 @@ from llm import services
 from llm.errors import LLMError, RateLimited
 from llm.models import PlaygroundChoice
 from llm.requests import TOO_BIG, InvalidRequest, chat_request, embeddings_request, parse_json
+from platform_site import shared_cache
 
 log = logging.getLogger(__name__)
 View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 NO_SUCH_CREDENTIAL = "No such credential: choose one of your own or a shared one."
+# The playground choice this browser last sent (see `remember`).
+REMEMBERED = "keyroute_playground"
+# Readiness probes answer quickly or say what does not.
+READY_TIMEOUT = 2.0
 
 
 def error_response(
@@ -242,22 +250,24 @@ async def event_stream(
 
 
 @login_required
-async def playground(request: HttpRequest) -> HttpResponseBase:
-    user = await request.auser()
-    credentials = [credential_json(c) async for c in usable_credentials(user)]
-    choice = await PlaygroundChoice.objects.filter(user_id=cast(int, user.pk)).afirst()
-    remembered = {
-        "credential": str(choice.credential_id) if choice and choice.credential_id else "",
-        "purpose": choice.purpose if choice else "chat",
-        "model": choice.model if choice else "",
-    }
+def playground(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    credentials = [credential_json(c) for c in usable_credentials(user)]
+    remembered = request.session.get(REMEMBERED)
+    if remembered is None:
+        choice = PlaygroundChoice.objects.filter(user_id=cast(int, user.pk)).first()
+        remembered = {
+            "credential": str(choice.credential_id) if choice and choice.credential_id else "",
+            "purpose": choice.purpose if choice else "chat",
+            "model": choice.model if choice else "",
+        }
     context = {
         "credentials": credentials,
         "global_default": bool(settings.OPENAI_API_KEY),
         "remembered": remembered,
         "purposes": ["chat", "code", "embeddings"],
     }
-    return await sync_to_async(render)(request, "llm/playground.html", context)
+    return render(request, "llm/playground.html", context)
 
 
 @require_POST
@@ -274,14 +284,14 @@ async def playground_send(request: HttpRequest, user: Any) -> HttpResponseBase:
     if purpose == "embeddings":
         request_ = embeddings_request({**data, "input": prompt})
         credential = await credential_for(user, request_.credential)
-        await remember(user, credential, purpose, request_.model)
+        await remember(request, user, credential, purpose, request_.model)
         result = await services.aembed(
             texts=request_.texts, model=request_.model, credential=credential, user=user
         )
         return JsonResponse(result_json(result))
     chat = chat_request({**data, "messages": [{"role": "user", "content": prompt}]})
     credential = await credential_for(user, chat.credential)
-    await remember(user, credential, purpose, chat.model)
+    await remember(request, user, credential, purpose, chat.model)
     if purpose == "code":
         code = await services.agenerate_code(
             prompt=prompt, model=chat.model, credential=credential, user=user, **chat.options
@@ -294,11 +304,30 @@ async def playground_send(request: HttpRequest, user: Any) -> HttpResponseBase:
 
 
 async def remember(
-    user: Any, credential: APIKeyCredentials | None, purpose: str, model: str
+    request: HttpRequest,
+    user: Any,
+    credential: APIKeyCredentials | None,
+    purpose: str,
+    model: str,
 ) -> None:
+    """Remember the user's choice for the playground's next visit.
+
+    Written (in this request's own thread) only when it differs from what this browser
+    sent last, which its session keeps: sending again with the same choice writes
+    nothing. The page offers the session's choice, else the user's last one from any
+    browser.
+    """
+    choice = {
+        "credential": str(credential.pk) if credential else "",
+        "purpose": purpose,
+        "model": model,
+    }
+    if await request.session.aget(REMEMBERED) == choice:
+        return
     await PlaygroundChoice.objects.aupdate_or_create(
         user=user, defaults={"credential": credential, "purpose": purpose, "model": model}
     )
+    await request.session.aset(REMEMBERED, choice)
 
 
 # ---- probes ----------------------------------------------------------------------------
@@ -310,26 +339,31 @@ async def healthz(request: HttpRequest) -> HttpResponseBase:
 
 
 async def readyz(request: HttpRequest) -> HttpResponseBase:
-    """The database and the cache answer."""
-    problems = await sync_to_async(_readiness_problems)()
+    """The database and the cache answer, each within READY_TIMEOUT seconds."""
+    problems = [
+        problem
+        for problem in await asyncio.gather(
+            _database_problem(), shared_cache.aproblem(timeout=READY_TIMEOUT)
+        )
+        if problem
+    ]
     if problems:
         return JsonResponse({"status": "unavailable", "problems": problems}, status=503)
     return JsonResponse({"status": "ok"})
 
 
-def _readiness_problems() -> list[str]:
-    problems = []
+async def _database_problem() -> str | None:
+    # The one sync call: in this request's own thread, which a slow database holds alone.
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
+        await asyncio.wait_for(sync_to_async(_select_one)(), READY_TIMEOUT)
+    except TimeoutError:
+        return f"The database did not answer within {READY_TIMEOUT:g} s."
     except Exception:
         log.exception("Readiness: the database does not answer.")
-        problems.append("The database does not answer.")
-    try:
-        cache.set("keyroute:readyz", "1", 5)
-        if cache.get("keyroute:readyz") != "1":
-            problems.append("The cache does not keep values.")
-    except Exception:
-        log.exception("Readiness: the cache does not answer.")
-        problems.append("The cache does not answer.")
-    return problems
+        return "The database does not answer."
+    return None
+
+
+def _select_one() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")

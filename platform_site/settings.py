@@ -100,6 +100,19 @@ def _list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in _str(name, default).split(",") if item.strip()]
 
 
+def _proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """`X-Forwarded-Proto,https` -> ("HTTP_X_FORWARDED_PROTO", "https"); empty: None."""
+    value = _str(name)
+    if not value:
+        return None
+    header, _, expected = (part.strip() for part in value.partition(","))
+    if not header or not expected or not header.replace("-", "").isalnum():
+        raise ImproperlyConfigured(
+            f"Unexpected value {name}={value!r}: use HEADER,VALUE, e.g. X-Forwarded-Proto,https."
+        )
+    return "HTTP_" + header.upper().replace("-", "_"), expected
+
+
 def _base_url(name: str, default: str) -> str:
     """A base URL, normalised: surrounding spaces and trailing slashes stripped.
 
@@ -138,6 +151,18 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = _list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = _list("CSRF_TRUSTED_ORIGINS")
 
+# HTTPS only, strict unless DEBUG: what `check --deploy --fail-level WARNING` asks for.
+SECURE_SSL_REDIRECT = _bool("SECURE_SSL_REDIRECT", not DEBUG)
+# Orchestrators probe the process over plain HTTP from inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SECURE_HSTS_SECONDS = int(_number("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, integer=True))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
+SECURE_HSTS_PRELOAD = _bool("SECURE_HSTS_PRELOAD", not DEBUG)
+SESSION_COOKIE_SECURE = _bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = _bool("CSRF_COOKIE_SECURE", not DEBUG)
+# Only behind a proxy that sets (and strips from clients) this header.
+SECURE_PROXY_SSL_HEADER = _proxy_ssl_header("SECURE_PROXY_SSL_HEADER")
+
 # Global defaults for calls made without a credential (see DESIGN: "Global defaults").
 OPENAI_API_KEY = _str("OPENAI_API_KEY")
 OPENAI_BASE_URL = _base_url("OPENAI_BASE_URL", "https://api.openai.com/v1")
@@ -156,6 +181,7 @@ LLM_TRUST_ENV_PROXY = _bool("LLM_TRUST_ENV_PROXY", False)
 LLM_USAGE_FLUSH_SECONDS = _number("LLM_USAGE_FLUSH_SECONDS", 2.0)
 LLM_USAGE_BUFFER_SIZE = max(1, int(_number("LLM_USAGE_BUFFER_SIZE", 20000, integer=True)))
 LLM_CLIENT_CACHE_SIZE = max(1, int(_number("LLM_CLIENT_CACHE_SIZE", 256, integer=True)))
+LLM_PROBE_TIMEOUT_SECONDS = _number("LLM_PROBE_TIMEOUT_SECONDS", 5)
 LLM_FAILOVER_BASE_URL = _base_url("LLM_FAILOVER_BASE_URL", "")
 LLM_FAILOVER_API_KEY = _str("LLM_FAILOVER_API_KEY")
 
@@ -166,27 +192,25 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "platform_site",
     "credentials",
     "llm",
 ]
 
-# Django's own middleware (and WhiteNoise), with hooks that run on the event loop under
-# ASGI instead of a thread hop each: see llm/middleware.py.
+# Django's own classes, so that its checks (check --deploy) see them. Under ASGI, the
+# handler runs their hooks on the event loop: platform_site/middleware.py.
 MIDDLEWARE = [
-    "llm.middleware.Security",
-    "llm.middleware.StaticFiles",
-    "llm.middleware.Session",
-    "llm.middleware.Common",
-    "llm.middleware.Csrf",
-    "llm.middleware.Authentication",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "llm.middleware.XFrameOptions",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "platform_site.urls"
-# Under ASGI, a thread per request for sync code (Django's default) or one shared thread
-# with a persistent connection (Keyroute's default, twice as fast): see asgi.py.
-ASGI_THREAD_PER_REQUEST = _bool("ASGI_THREAD_PER_REQUEST", False)
 WSGI_APPLICATION = "platform_site.wsgi.application"
 ASGI_APPLICATION = "platform_site.asgi.application"
 
@@ -221,9 +245,9 @@ def _database(url: str) -> dict[str, object]:
     if config["ENGINE"] == "django.db.backends.sqlite3" and name and name != ":memory:":
         # Relative SQLite paths are relative to the project, not the working directory.
         config["NAME"] = str(BASE_DIR / name)
-    # One shared thread under ASGI keeps its connection; per-request threads must not
-    # (their connections would outlive them).
-    config.setdefault("CONN_MAX_AGE", 0 if ASGI_THREAD_PER_REQUEST else 60)
+    # Sync code runs in a thread per request (platform_site/asgi.py): a connection kept
+    # open would outlive its thread.
+    config.setdefault("CONN_MAX_AGE", 0)
     config.setdefault("CONN_HEALTH_CHECKS", True)
     return config
 
@@ -242,6 +266,11 @@ def _cache(url: str) -> dict[str, object]:
 
 DATABASES = {"default": _database(_str("DATABASE_URL", "sqlite:///db.sqlite3"))}
 CACHES = {"default": _cache(_str("CACHE_URL", "locmemcache://"))}
+
+# Sessions in the cache and the database, and the signed-in user from this process's
+# copies: an API request reads no database (platform_site/sessions.py, auth.py).
+SESSION_ENGINE = "platform_site.sessions"
+AUTHENTICATION_BACKENDS = ["platform_site.auth.CopiedUserBackend"]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email.message import Message
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +21,7 @@ from django.conf import settings
 from django.db import connection
 
 from credentials.models import APIKeyCredentials
-from tests.upstream import Upstream
+from tests.upstream import Upstream, free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Obviously fake keys; never real ones.
@@ -79,6 +87,10 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
         "SECRET_KEY": "keyroute-tests-only-not-a-secret",
         "CREDENTIALS_ENCRYPTION_KEYS": TEST_FERNET_KEY,
         "PYTHONDONTWRITEBYTECODE": "1",
+        # Servers started by the tests speak plain HTTP to a browser or a client.
+        "SECURE_SSL_REDIRECT": "false",
+        "SESSION_COOKIE_SECURE": "false",
+        "CSRF_COOKIE_SECURE": "false",
     }
     env.update(overrides)
     return env
@@ -87,15 +99,34 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
 def run_manage(
     *args: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
+    return run_python(str(PROJECT / "manage.py"), *args, env=env, timeout=timeout)
+
+
+def run_python(
+    *argv: str, env: dict[str, str], cwd: Path = PROJECT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """python ARGV... in a child process; `run_python("-c", code, ...)` runs code."""
     return subprocess.run(
-        [sys.executable, str(PROJECT / "manage.py"), *args],
+        [sys.executable, *argv],
         env=env,
-        cwd=PROJECT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture
+def private_cache(settings: Any) -> None:
+    """A cache of the test's own. Tests that count loads or hops need one: other tests
+    (other xdist workers) bump the copies' stamp in a shared Redis at any moment."""
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": f"test-{uuid.uuid4()}",
+        }
+    }
 
 
 @pytest.fixture
@@ -128,3 +159,150 @@ def global_route(settings, upstream):
     settings.OPENAI_API_KEY = GLOBAL_KEY
     settings.OPENAI_INTERNAL_API_KEY = GLOBAL_KEY
     return upstream
+
+
+# ---- the site under uvicorn -------------------------------------------------------------
+
+# A Redis database for the tests that need one whatever CACHE_URL says. Sharing it is
+# safe: a stamp bumped by another test only makes a worker load afresh.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@dataclass
+class Site:
+    """The site served by uvicorn in a process of its own, on the test database."""
+
+    base_url: str
+    process: subprocess.Popen[str]
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Any = None,
+        timeout: float = 30,
+    ) -> Answer:
+        """One HTTP request; `body` is sent as JSON, or as a form when it is a str."""
+        data = None
+        headers = dict(headers or {})
+        if isinstance(body, str):
+            data = body.encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        elif body is not None:
+            data = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        request = urllib.request.Request(  # noqa: S310 (http://127.0.0.1 only)
+            self.base_url + path, data=data, headers=headers, method=method
+        )
+        started = time.perf_counter()
+        try:
+            with _no_redirects.open(request, timeout=timeout) as answer:
+                status, content, got = answer.status, answer.read(), answer.headers
+        except urllib.error.HTTPError as error:
+            status, content, got = error.code, error.read(), error.headers
+        return Answer(status, content, time.perf_counter() - started, got)
+
+
+@dataclass
+class Answer:
+    status: int
+    content: bytes
+    seconds: float
+    headers: Message
+
+    def cookies(self) -> dict[str, str]:
+        """The cookies it sets: name -> value."""
+        return {name: morsel.value for name, morsel in self._jar().items()}
+
+    def follow(self, headers: dict[str, str]) -> dict[str, str]:
+        """`headers` with the cookies this answer set, as a browser sends them next."""
+        jar = SimpleCookie(headers.get("Cookie", ""))
+        jar.update(self._jar())
+        return {**headers, "Cookie": "; ".join(f"{k}={m.coded_value}" for k, m in jar.items())}
+
+    def _jar(self) -> SimpleCookie:
+        jar = SimpleCookie()
+        for header in self.headers.get_all("Set-Cookie") or []:
+            jar.load(header)
+        return jar
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_no_redirects = urllib.request.build_opener(_NoRedirect)
+
+
+@pytest.fixture
+def start_site(transactional_db: None) -> Iterator[Callable[..., Site]]:
+    """Start the site under uvicorn (ASGI, as in production) as often as a test needs;
+    all stop at its end. Keyword arguments are environment variables of the server.
+
+    Data for it must be committed: hence transactional_db."""
+    sites: list[Site] = []
+
+    def start(**env: str) -> Site:
+        port = free_port()
+        defaults = {
+            "DATABASE_URL": database_url(),
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "LLM_MAX_RETRIES": "0",
+            "LOG_LEVEL": "WARNING",
+        }
+        server_env = subprocess_env(**{**defaults, **env})
+        command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application"]
+        process = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
+            cwd=PROJECT,
+            env=server_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        site = Site(f"http://127.0.0.1:{port}", process)
+        sites.append(site)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return site
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    pytest.fail(f"uvicorn did not start: {process.communicate()[1]}")
+                time.sleep(0.1)
+
+    yield start
+    for site in sites:
+        site.process.terminate()
+    for site in sites:
+        try:
+            site.process.wait(10)
+        except subprocess.TimeoutExpired:
+            site.process.kill()
+            site.process.wait(5)
+
+
+def signed_in(user: Any) -> dict[str, str]:
+    """Headers of a browser signed in as `user`: session and CSRF cookies, CSRF header.
+
+    The session is written to the database (and this process's cache), where a server
+    started by `start_site` finds it."""
+    from django.http import HttpRequest
+    from django.middleware.csrf import get_token
+    from django.test import Client
+
+    browser = Client()
+    browser.force_login(user)
+    session = browser.cookies[settings.SESSION_COOKIE_NAME].value
+    page = HttpRequest()
+    token = get_token(page)  # the masked token for the header; the secret is the cookie
+    cookies = f"{settings.SESSION_COOKIE_NAME}={session}; {settings.CSRF_COOKIE_NAME}="
+    return {"Cookie": cookies + page.META["CSRF_COOKIE"], "X-CSRFToken": token}

@@ -13,18 +13,13 @@ started, which would break every later test of the same worker that calls asynci
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import PROJECT, database_url, subprocess_env
-from tests.upstream import free_port
+from tests.conftest import Site
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -85,39 +80,7 @@ def artifacts() -> Path:
 
 
 @pytest.fixture
-def asgi_server(transactional_db: None) -> Iterator[str]:
+def asgi_server(start_site: Callable[..., Site]) -> str:
     """The site under uvicorn (ASGI, as in production: chat answers stream), on the
     test database; returns its base URL. live_server is WSGI, which cannot stream."""
-    port = free_port()
-    env = subprocess_env(
-        DATABASE_URL=database_url(),
-        ALLOWED_HOSTS="127.0.0.1",
-        LLM_MAX_RETRIES="0",
-        LLM_USAGE_FLUSH_SECONDS="0",
-        LOG_LEVEL="WARNING",
-    )
-    command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application"]
-    server = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        f"uvicorn did not start: {server.stderr.read() if server.stderr else ''}"
-                    )
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
+    return start_site(LLM_USAGE_FLUSH_SECONDS="0").base_url

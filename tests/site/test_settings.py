@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import FAKE_KEY, PROJECT, run_manage, subprocess_env
+from tests.conftest import FAKE_KEY, PROJECT, run_manage, run_python, subprocess_env
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 FAKE_PASSWORD = "sk-test-fake-secretvalue"
@@ -44,30 +42,16 @@ print(json.dumps({"backend": settings.CACHES["default"]["BACKEND"], "value": val
 """
 
 
-def run_python(
-    code: str, *args: str, env: dict[str, str], cwd: Path = PROJECT
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def read_settings(*names: str, env: dict[str, str], cwd: Path = PROJECT) -> dict[str, Any]:
     """The settings `names` as a child process with environment `env` sees them."""
-    result = run_python(READ_SETTINGS, *names, env=env, cwd=cwd)
+    result = run_python("-c", READ_SETTINGS, *names, env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def settings_error(env: dict[str, str]) -> tuple[str, str]:
     """The ImproperlyConfigured line and the whole output of a child that must fail."""
-    result = run_python(READ_SETTINGS, "DEBUG", env=env)
+    result = run_python("-c", READ_SETTINGS, "DEBUG", env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     lines = [line for line in result.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
@@ -457,7 +441,7 @@ def test_it_keeps_an_absolute_sqlite_path(tmp_path):
 def test_it_round_trips_through_redis_when_cache_url_names_it(redis_server):
     key = f"keyroute-tests-{uuid.uuid4().hex}"
     result = run_python(
-        CACHE_ROUND_TRIP, key, env=subprocess_env(CACHE_URL="redis://127.0.0.1:6379/0")
+        "-c", CACHE_ROUND_TRIP, key, env=subprocess_env(CACHE_URL="redis://127.0.0.1:6379/0")
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {

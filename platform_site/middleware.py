@@ -1,13 +1,20 @@
-"""Django's and WhiteNoise's middleware, with their hooks run on the event loop.
+"""Django's own middleware, with its hooks run on the event loop under ASGI.
 
-Under ASGI, Django runs every hook of a `MiddlewareMixin` through `sync_to_async` (a
-thread hop each), and a sync-only middleware such as WhiteNoise's makes it run the
-whole stack below it, async views included, inside a thread that waits for the view:
-one thread held per request in flight. These hooks do no I/O (the session is saved,
-the one exception, with its hop), so here they run directly on the loop. Measured in
-docs/performance.md ("Concurrency"). Under WSGI and the test client they run as usual.
+`settings.MIDDLEWARE` names Django's classes, so Django's checks (`check --deploy`) see
+exactly what Django expects. Under ASGI, Django would run every `process_request` and
+`process_response` of a `MiddlewareMixin` through `sync_to_async`: a thread hop each,
+a dozen per request. These hooks do no I/O, so platform_site.asgi builds its chain from
+the same list with the twins below (ON_THE_LOOP), which inherit everything from Django's
+classes and differ only in how the hooks are called:
 
-MessageMiddleware is left as Django ships it: storing messages may read the session.
+- security, common, CSRF, authentication and X-Frame-Options run in place;
+- the session is saved in the request's own thread, and only when it changed;
+- messages are stored in the request's own thread, and only when some were added or read;
+- WhiteNoise serves static paths (in a thread) and lets every other request pass by.
+
+The CSRF twin assumes the token lives in its cookie (CSRF_USE_SESSIONS is never set):
+reading it from the session would be I/O. Under WSGI and the test client, Django's
+classes run as Django ships them.
 """
 
 from __future__ import annotations
@@ -16,8 +23,8 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
-from django.conf import settings as django_settings
 from django.contrib.auth.middleware import AuthenticationMiddleware
+from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
@@ -29,7 +36,7 @@ from whitenoise.middleware import WhiteNoiseMiddleware
 
 
 class _OnTheLoop:
-    """A MiddlewareMixin whose process_request/process_response run without a hop."""
+    """`process_request` and `process_response` called in place, without a hop."""
 
     get_response: Any
 
@@ -68,10 +75,8 @@ class Csrf(_OnTheLoop, CsrfViewMiddleware):
 
 
 class Session(SessionMiddleware):
-    """The session is created lazily on the loop; only saving it takes a hop."""
-
     async def __acall__(self, request: HttpRequest) -> Any:
-        self.process_request(request)
+        self.process_request(request)  # creates the session lazily: no I/O
         response: Any = await self.get_response(request)  # type: ignore[misc]
         session = request.session
         if session.accessed and (session.modified or settings.SESSION_SAVE_EVERY_REQUEST):
@@ -79,13 +84,22 @@ class Session(SessionMiddleware):
         return self.process_response(request, response)
 
 
-class StaticFiles(WhiteNoiseMiddleware):  # type: ignore[misc]
-    """WhiteNoise for static paths only; every other request passes by without a thread."""
+class Messages(MessageMiddleware):
+    async def __acall__(self, request: HttpRequest) -> Any:
+        self.process_request(request)  # creates the storage lazily: no I/O
+        response: Any = await self.get_response(request)  # type: ignore[misc]
+        storage: Any = getattr(request, "_messages", None)
+        if storage is not None and (storage.used or storage.added_new):
+            # Storing may write the session.
+            return await sync_to_async(self.process_response)(request, response)
+        return self.process_response(request, response)
 
+
+class StaticFiles(WhiteNoiseMiddleware):  # type: ignore[misc]
     sync_capable = True
     async_capable = True
 
-    def __init__(self, get_response: Any, settings: Any = django_settings) -> None:
+    def __init__(self, get_response: Any, settings: Any = settings) -> None:
         super().__init__(get_response, settings)
         self.async_mode = iscoroutinefunction(get_response)
         if self.async_mode:
@@ -106,3 +120,16 @@ class StaticFiles(WhiteNoiseMiddleware):  # type: ignore[misc]
             return served
         response: HttpResponseBase = await self.get_response(request)
         return response
+
+
+# Django's class, as settings.MIDDLEWARE names it -> its twin in this module.
+ON_THE_LOOP: dict[str, str] = {
+    "django.middleware.security.SecurityMiddleware": f"{__name__}.Security",
+    "whitenoise.middleware.WhiteNoiseMiddleware": f"{__name__}.StaticFiles",
+    "django.contrib.sessions.middleware.SessionMiddleware": f"{__name__}.Session",
+    "django.middleware.common.CommonMiddleware": f"{__name__}.Common",
+    "django.middleware.csrf.CsrfViewMiddleware": f"{__name__}.Csrf",
+    "django.contrib.auth.middleware.AuthenticationMiddleware": f"{__name__}.Authentication",
+    "django.contrib.messages.middleware.MessageMiddleware": f"{__name__}.Messages",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware": f"{__name__}.XFrameOptions",
+}
