@@ -1,25 +1,34 @@
-"""Throughput of the site under many clients, next to its own ceiling, in one run.
+"""Throughput of the site under many clients, next to its ceilings, in one run.
 
     python bench/concurrency.py [--levels 100,200,500] [--duration 10] [--delay 1.0]
 
 Starts, each in its own process on 127.0.0.1: tests/upstream.py answering every chat
-completion after --delay seconds, and the site under uvicorn (1 worker, uvloop,
-httptools, as `make serve` runs it; DEBUG=false, LLM_MAX_RETRIES=0). A temporary SQLite
-database (or DATABASE_URL, when set: the rows made are removed afterwards) holds a user
-with a session and a credential of theirs pointing at the upstream.
+completion after --delay seconds; the site under uvicorn (1 worker, uvloop, httptools,
+as `make serve` runs it; DEBUG=false, LLM_MAX_RETRIES=0); and bench/bare_app.py under
+uvicorn with the same flags: a bare ASGI app, no Django, making the site's SDK call
+(`chat.completions.with_raw_response.create`, then `.parse()`) with the site's client
+settings against the same upstream with the same fake key. A temporary SQLite database
+(or DATABASE_URL, when set: the rows made are removed afterwards) holds a user with a
+session and a credential of theirs pointing at the upstream.
 
 At each level, N virtual clients (an aiohttp load generator in this process, one
 ClientSession per phase with a connector limit of N) loop for --warmup + --duration
 seconds, first on POST /api/llm/chat (session cookie, CSRF cookie and X-CSRFToken, as
 the playground sends them), then on GET /healthz (no database, no upstream): the
-ceiling of this server on this machine. Only requests that end inside the measured
-window count toward requests/s and latency; errors (non-200 answers, exceptions) count
-over the whole phase. Per phase it also prints the server's CPU time per answered
-request and the most threads its process had (both from /proc).
+ceiling of this server on this machine, then on POST /v1/chat of the bare app (the same
+JSON body less the credential): the reference row "(r)", the ceiling of the same SDK
+call without Django. Only requests that end inside the measured window count toward
+requests/s and latency; errors (non-200 answers, exceptions) count over the whole phase.
+Per phase it also prints the CPU time per answered request of the process driven and the
+most threads it had (both from /proc), and per level chat/ceiling and chat/(r).
 
-Targets at the largest level: 0 errors, and chat throughput >= 80% of the ceiling; the
-exit status is 1 when they are missed. The whole default run takes about 90 s, and the
-processes started are stopped on the way out, Ctrl-C included.
+Targets at the largest level (500 by default): 0 chat errors, chat >= 300 answers/s, and
+chat >= 60% of (r); the exit status is 1 when they are missed (not checked with --only).
+The whole default run takes about 2 minutes, and the processes started are stopped on the
+way out, Ctrl-C included.
+
+A LiteLLM proxy row (the same call through a real proxy) is planned once the project has
+a proxy test environment (a later issue); it is not measured yet.
 
 To measure a change without editing the site: --settings names another settings module
 and --app another ASGI application (e.g. a module on PYTHONPATH that imports
@@ -61,8 +70,15 @@ MODEL = "gpt-test-mini"
 CHAT_BODY = (
     b'{"model": "%s", "messages": [{"role": "user", "content": "ping"}], "credential": "%s"}'
 )
+# The bare app routes by its environment, not by a credential: the same body less that.
+BARE_BODY = b'{"model": "%s", "messages": [{"role": "user", "content": "ping"}]}'
+BARE_APP = "bare_app:app"  # served with --app-dir bench: nothing of the project on its path
+ENDPOINTS = ("chat", "healthz", "bare")
+SERVED_BY = {"chat": "site", "healthz": "site", "bare": "bare"}
+LABELS = {"bare": "bare (r)"}  # the reference row of the table
 TARGET_ERRORS = 0
-TARGET_CEILING_SHARE = 0.80
+TARGET_RATE = 300.0  # chat answers/s at the largest level
+TARGET_BARE_SHARE = 0.60  # chat/(r) at the largest level
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -84,6 +100,8 @@ def setup_django(
         ALLOWED_HOSTS="127.0.0.1",
         LLM_MAX_RETRIES="0",
         LOG_LEVEL="WARNING",
+        # Plain HTTP on loopback, as behind a TLS-terminating proxy.
+        SECURE_SSL_REDIRECT="false",
         DJANGO_SETTINGS_MODULE=settings_module,
     )
     import django
@@ -249,10 +267,12 @@ def start_upstream(env: dict[str, str], delay: float, log: Path) -> Service:
     return proc, ready, f"http://127.0.0.1:{port}/v1"
 
 
-def start_site(env: dict[str, str], app: str, log: Path) -> Service:
+def start_uvicorn(env: dict[str, str], app: str, log: Path, app_dir: str | None = None) -> Service:
+    """`app` under uvicorn as `make serve` runs the site; ready once GET /healthz is 200."""
     port = free_port()
     args = [
         *(sys.executable, "-m", "uvicorn", app),
+        *(("--app-dir", app_dir) if app_dir else ()),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
         *("--loop", "uvloop", "--http", "httptools", "--no-access-log"),
     ]
@@ -264,6 +284,16 @@ def start_site(env: dict[str, str], app: str, log: Path) -> Service:
             return bool(answer.status == 200)
 
     return proc, ready, base
+
+
+def start_site(env: dict[str, str], app: str, log: Path) -> Service:
+    return start_uvicorn(env, app, log)
+
+
+def start_bare(env: dict[str, str], upstream_url: str, log: Path) -> Service:
+    """bench/bare_app.py, to the same upstream with the same key as the site's credential."""
+    bare_env = {**env, "BARE_BASE_URL": upstream_url, "BARE_API_KEY": KEY}
+    return start_uvicorn(bare_env, BARE_APP, log, app_dir=str(PROJECT / "bench"))
 
 
 # ---- /proc -----------------------------------------------------------------------------
@@ -318,7 +348,7 @@ def versions() -> str:
 
 @dataclass(frozen=True)
 class Target:
-    endpoint: str  # "chat" or "healthz"
+    endpoint: str  # one of ENDPOINTS
     method: str
     url: str
     headers: dict[str, str]
@@ -356,9 +386,12 @@ class Phase:
 
 @dataclass(frozen=True)
 class Watched:
-    server: int
+    servers: dict[str, int]  # endpoint -> pid of the process answering it
     upstream: int
     py_spy: str | None  # output prefix, when profiling
+
+    def server(self, endpoint: str) -> int:
+        return self.servers[endpoint]
 
 
 async def drive(
@@ -396,16 +429,18 @@ async def drive(
 
         async def watch() -> None:
             await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+            # The process driven in this phase: the site, or the bare app for "bare".
+            server = watched.server(target.endpoint)
             profiler = start_py_spy(watched, target.endpoint, clients, duration)
             cpu = (
-                cpu_seconds(watched.server),
+                cpu_seconds(server),
                 cpu_seconds(watched.upstream),
                 own_cpu_seconds(),
             )
             while (now := time.perf_counter()) < stop_at:
-                phase.max_threads = max(phase.max_threads, threads(watched.server))
+                phase.max_threads = max(phase.max_threads, threads(server))
                 await asyncio.sleep(min(0.25, stop_at - now))
-            phase.server_cpu = cpu_seconds(watched.server) - cpu[0]
+            phase.server_cpu = cpu_seconds(server) - cpu[0]
             phase.upstream_cpu = cpu_seconds(watched.upstream) - cpu[1]
             phase.bench_cpu = own_cpu_seconds() - cpu[2]
             if profiler is not None:
@@ -426,7 +461,8 @@ def start_py_spy(
     if watched.py_spy is None:
         return None
     output = profile_path(watched, endpoint, clients)
-    args = ["py-spy", "record", "--pid", str(watched.server), "--duration", str(int(duration))]
+    pid = watched.server(endpoint)
+    args = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(duration))]
     # --gil: only the thread running Python is sampled, i.e. where the interpreter's one
     # core goes; --nonblocking: the server is not paused (it has a thread per request).
     args += ["--rate", "100", "--gil", "--nonblocking", "--format", "raw", "-o", output]
@@ -460,7 +496,10 @@ MECHANISMS = [
         "thread hops (sync_to_async)",
         ("asgiref/", "concurrent/futures", "threading.py", "futures.py", "_call_set_state"),
     ),
-    ("uvicorn + Django handler", ("uvicorn/", "django/", "whitenoise/", "asyncio/", "llm/")),
+    (
+        "uvicorn + handler (Django or bare app)",
+        ("uvicorn/", "django/", "whitenoise/", "asyncio/", "llm/", "bare_app"),
+    ),
 ]
 
 
@@ -485,15 +524,17 @@ def _category(frames: list[str]) -> str:
     return "other"
 
 
-async def smoke_test(chat: Target) -> None:
-    """One chat request before the load: a setup problem fails here, with its answer."""
+async def smoke_test(target: Target) -> None:
+    """One request before the load: a setup problem fails here, with its answer."""
     async with (
         aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
-        session.post(chat.url, data=chat.body, headers=chat.headers) as answer,
+        session.request(
+            target.method, target.url, data=target.body, headers=target.headers
+        ) as answer,
     ):
         text = await answer.text()
         if answer.status != 200:
-            raise SystemExit(f"POST {chat.url} answered {answer.status}: {text[:500]}")
+            raise SystemExit(f"{target.method} {target.url} answered {answer.status}: {text[:500]}")
 
 
 # ---- report ----------------------------------------------------------------------------
@@ -504,13 +545,17 @@ HEAD = (
 )
 
 
+def label(endpoint: str) -> str:
+    return LABELS.get(endpoint, endpoint)
+
+
 def row(phase: Phase, delay: float) -> str:
     ideal_text = f"{'-':>6} {'-':>8}"
-    if phase.target.endpoint == "chat" and delay > 0:
+    if phase.target.endpoint != "healthz" and delay > 0:  # chat and bare wait on the upstream
         ideal = phase.clients / delay
         ideal_text = f"{ideal:>6.0f} {phase.rate / ideal:>8.1%}"
     return (
-        f"{phase.clients:>7} {phase.target.endpoint:<8} {phase.rate:>7.1f} {ideal_text}"
+        f"{phase.clients:>7} {label(phase.target.endpoint):<8} {phase.rate:>7.1f} {ideal_text}"
         f" {sum(phase.errors.values()):>6} {phase.percentile(0.5) * 1000:>7.0f}"
         f" {phase.percentile(0.99) * 1000:>7.0f} {phase.server_cpu / phase.window:>7.0%}"
         f" {phase.cpu_ms_per_request:>10.2f} {phase.max_threads:>7}"
@@ -521,36 +566,55 @@ def report(phases: dict[str, Phase], delay: float) -> None:
     for phase in phases.values():
         print(row(phase, delay))
     notes = []
-    if len(phases) == 2:
+    if "chat" in phases and "healthz" in phases:
         notes.append(f"chat/ceiling {share(phases['chat'], phases['healthz']):.1%}")
+    if "chat" in phases and "bare" in phases:
+        notes.append(f"chat/(r) {share(phases['chat'], phases['bare']):.1%}")
     load = " / ".join(f"{p.bench_cpu / p.window:.0%}" for p in phases.values())
     upstream = " / ".join(f"{p.upstream_cpu / p.window:.0%}" for p in phases.values())
     notes.append(f"CPU of one core: load generator {load}, upstream {upstream}")
     print(f"{'':>16}{'; '.join(notes)}")
     for phase in phases.values():
+        name = label(phase.target.endpoint)
         if phase.errors:
             kinds = ", ".join(f"{kind} x{count}" for kind, count in phase.errors.most_common())
-            print(f"{'':>16}{phase.target.endpoint} errors: {kinds}")
+            print(f"{'':>16}{name} errors: {kinds}")
         if phase.profile:
-            print(f"{'':>16}{phase.target.endpoint} profile ({phase.profile}), share of samples:")
-            for name, part in breakdown(phase.profile):
-                print(f"{'':>18}{part:6.1%}  {name}")
+            print(f"{'':>16}{name} profile ({phase.profile}), share of samples:")
+            for step, part in breakdown(phase.profile):
+                print(f"{'':>18}{part:6.1%}  {step}")
 
 
-def share(chat: Phase, ceiling: Phase) -> float:
-    return chat.rate / ceiling.rate if ceiling.rate else 0.0
+def share(phase: Phase, reference: Phase) -> float:
+    return phase.rate / reference.rate if reference.rate else 0.0
 
 
-def summary(chat: Phase, ceiling: Phase) -> bool:
+def summary(phases: dict[str, Phase]) -> bool:
+    """The targets, at the largest level: 0 chat errors, a chat rate, a share of (r)."""
+    chat, bare = phases["chat"], phases["bare"]
     errors = sum(chat.errors.values())
-    met = errors <= TARGET_ERRORS and share(chat, ceiling) >= TARGET_CEILING_SHARE
-    print(
-        f"\nAt {chat.clients} in flight: chat {chat.rate:.1f} req/s "
-        f"({chat.cpu_ms_per_request:.2f} ms of server CPU each), ceiling (GET /healthz) "
-        f"{ceiling.rate:.1f} req/s ({ceiling.cpu_ms_per_request:.2f} ms each)."
-    )
-    print(f"  chat errors: {errors} (target {TARGET_ERRORS})")
-    print(f"  chat/ceiling: {share(chat, ceiling):.1%} (target >= {TARGET_CEILING_SHARE:.0%})")
+    checks = [
+        (errors <= TARGET_ERRORS, f"chat errors {errors} (target {TARGET_ERRORS})"),
+        (
+            chat.rate >= TARGET_RATE,
+            f"chat {chat.rate:.1f} answers/s (target >= {TARGET_RATE:g})",
+        ),
+        (
+            share(chat, bare) >= TARGET_BARE_SHARE,
+            f"chat/(r) {share(chat, bare):.1%} (target >= {TARGET_BARE_SHARE:.0%})",
+        ),
+    ]
+    print(f"\nAt {chat.clients} in flight (server CPU per answer in brackets):")
+    for phase in phases.values():
+        print(
+            f"  {label(phase.target.endpoint)}: {phase.rate:.1f} answers/s "
+            f"({phase.cpu_ms_per_request:.2f} ms), {sum(phase.errors.values())} errors"
+        )
+    if "healthz" in phases:
+        print(f"  chat/ceiling {share(chat, phases['healthz']):.1%} (no target)")
+    for ok, text in checks:
+        print(f"  {'ok    ' if ok else 'MISSED'} {text}")
+    met = all(ok for ok, _ in checks)
     print(f"  targets {'met' if met else 'NOT met'}")
     return met
 
@@ -570,7 +634,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument("--delay", type=float, default=1.0, help="upstream seconds per answer")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request")
-    parser.add_argument("--only", choices=("chat", "healthz"), help="drive one endpoint only")
+    parser.add_argument("--only", choices=ENDPOINTS, help="drive one endpoint only")
     parser.add_argument(
         "--settings",
         default="platform_site.settings",
@@ -602,6 +666,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    endpoints = [e for e in ENDPOINTS if args.only in (None, e)]
     given_database = os.environ.get("DATABASE_URL", "").strip() or None
     with tempfile.TemporaryDirectory(prefix="keyroute-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -615,53 +680,109 @@ def main() -> None:
             wait_until(upstream_ready, upstream, "the upstream", tmp / "upstream.log")
             fixtures = make_fixtures(upstream_url)
             try:
-                site, site_ready, base = start_site(env, args.app, tmp / "site.log")
-                procs.append(site)
-                wait_until(site_ready, site, "uvicorn", tmp / "site.log")
-                watched = Watched(site.pid, upstream.pid, args.py_spy)
-                results = run(args, fixtures, base, watched)
-                stop(site)  # uvicorn exits cleanly: its usage buffer is flushed at exit
-                answered = 1 + sum(p.answered for p in results if p.target.endpoint == "chat")
-                print(
-                    f"  usage records written: {usage_rows(fixtures)} for {answered} chat answers"
-                )
-                if any(p.errors for p in results) or site.returncode not in (0, -signal.SIGTERM):
-                    print(f"\nuvicorn exited with {site.returncode}; its log ends with:")
-                    print(tail(tmp / "site.log"))
+                servers = start_servers(args, env, upstream_url, endpoints, tmp, procs)
+                pids = {e: servers[SERVED_BY[e]].proc.pid for e in endpoints}
+                watched = Watched(pids, upstream.pid, args.py_spy)
+                results = run(args, fixtures, servers, watched, endpoints)
+                wrap_up(servers, results, fixtures)
             finally:
                 for proc in procs:
                     stop(proc)
                 if given_database:
                     remove_fixtures(fixtures)
-    levels = [p for p in results if p.clients == args.levels[-1]]
-    if not args.only and not summary(*levels):
+    largest = {p.target.endpoint: p for p in results if p.clients == args.levels[-1]}
+    if not args.only and not summary(largest):
         sys.exit(1)
 
 
-def run(args: argparse.Namespace, fixtures: Fixtures, base: str, watched: Watched) -> list[Phase]:
-    """Every level, chat then its ceiling; prints the table as it goes."""
-    chat = Target(
-        "chat",
-        "POST",
-        f"{base}/api/llm/chat",
-        {**fixtures.headers, "Content-Type": "application/json"},
-        CHAT_BODY % (MODEL.encode(), fixtures.credential_id.encode()),
-    )
-    healthz = Target("healthz", "GET", f"{base}/healthz", fixtures.headers)
-    targets = [t for t in (chat, healthz) if args.only in (None, t.endpoint)]
+@dataclass(frozen=True)
+class Server:
+    proc: subprocess.Popen[bytes]
+    base: str  # http://127.0.0.1:PORT
+    log: Path
+
+
+def start_servers(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    upstream_url: str,
+    endpoints: list[str],
+    tmp: Path,
+    procs: list[subprocess.Popen[bytes]],
+) -> dict[str, Server]:
+    """The site and the bare app, each only when a phase drives it: --only bare needs no
+    site, so it still measures (r) while the site cannot start."""
+    starters: dict[str, Callable[[Path], Service]] = {
+        "site": lambda log: start_site(env, args.app, log),
+        "bare": lambda log: start_bare(env, upstream_url, log),
+    }
+    servers: dict[str, Server] = {}
+    for name in dict.fromkeys(SERVED_BY[e] for e in endpoints):
+        log = tmp / f"{name}.log"
+        proc, ready, base = starters[name](log)
+        procs.append(proc)
+        wait_until(ready, proc, f"uvicorn ({name})", log)
+        servers[name] = Server(proc, base, log)
+    return servers
+
+
+def wrap_up(servers: dict[str, Server], results: list[Phase], fixtures: Fixtures) -> None:
+    """Stops the servers, then says what they left: usage rows, a log when something failed."""
+    for name, server in servers.items():
+        stop(server.proc)  # uvicorn exits cleanly: the site's usage buffer is flushed at exit
+        phases = [p for p in results if SERVED_BY[p.target.endpoint] == name]
+        if any(p.target.endpoint == "chat" for p in phases):
+            answered = 1 + sum(p.answered for p in phases if p.target.endpoint == "chat")
+            print(f"  usage records written: {usage_rows(fixtures)} for {answered} chat answers")
+        code = server.proc.returncode
+        if any(p.errors for p in phases) or code not in (0, -signal.SIGTERM):
+            print(f"\nuvicorn ({name}) exited with {code}; its log ends with:")
+            print(tail(server.log))
+
+
+def make_target(endpoint: str, base: str, fixtures: Fixtures) -> Target:
+    json_body = {"Content-Type": "application/json"}
+    if endpoint == "chat":
+        body = CHAT_BODY % (MODEL.encode(), fixtures.credential_id.encode())
+        headers = {**fixtures.headers, **json_body}
+        return Target("chat", "POST", f"{base}/api/llm/chat", headers, body)
+    if endpoint == "healthz":
+        return Target("healthz", "GET", f"{base}/healthz", fixtures.headers)
+    # No cookies: the bare app has no session or CSRF to check.
+    return Target("bare", "POST", f"{base}/v1/chat", json_body, BARE_BODY % MODEL.encode())
+
+
+def run(
+    args: argparse.Namespace,
+    fixtures: Fixtures,
+    servers: dict[str, Server],
+    watched: Watched,
+    endpoints: list[str],
+) -> list[Phase]:
+    """Every level: chat, its ceiling, then (r); prints the table as it goes."""
+    targets = [make_target(e, servers[SERVED_BY[e]].base, fixtures) for e in endpoints]
     from django.db import connection
 
     print(f"Machine: {machine()}")
     print(f"Versions: {versions()}")
-    print(
-        f"Server: {args.app} under uvicorn, 1 worker, uvloop + httptools; "
-        f"database: {connection.vendor}; upstream: tests/upstream.py, {args.delay:g} s an answer"
-    )
+    print(f"Upstream: tests/upstream.py, {args.delay:g} s an answer")
+    if "site" in servers:
+        print(
+            f"Server: {args.app} under uvicorn, 1 worker, uvloop + httptools; "
+            f"database: {connection.vendor}"
+        )
+    if "bare" in servers:
+        print(
+            "Reference (r): bench/bare_app.py under uvicorn with the same flags, no Django: "
+            "the same SDK call and client settings, to the same upstream"
+        )
     print(
         f"Per phase: {args.warmup:g} s warm-up + {args.duration:g} s measured; load generator: "
-        "aiohttp in this process; CPU from /proc, ideal = clients / delay\n"
+        "aiohttp in this process; CPU from /proc (of the process driven), "
+        "ideal = clients / delay\n"
     )
-    asyncio.run(smoke_test(chat))
+    for target in targets:
+        asyncio.run(smoke_test(target))
     print(HEAD)
     results: list[Phase] = []
     for clients in args.levels:
