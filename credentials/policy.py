@@ -1,6 +1,7 @@
 """Which base URLs an API key may be sent to.
 
-One policy for the model, the admin, the system checks and (later) the client builder:
+One policy for the model, the admin, the system checks and the client builder
+(llm.clients checks a base URL again before it builds a client for it):
 
 - http or https only; no user-info, query or fragment; no white space, control
   characters, backslashes or percent-encoding in the host;
@@ -9,8 +10,9 @@ One policy for the model, the admin, the system checks and (later) the client bu
 - loopback and private hosts are allowed (the proxy usually lives there), unless the
   site sets LLM_ALLOWED_BASE_URL_HOSTS and the host is not on it.
 
-Host names are not resolved here: validation must not depend on DNS. The client
-builder checks again when it connects.
+Host names are not resolved here: validation must not depend on DNS. Nor are they
+resolved when a client is built, so a name that resolves to a refused address is
+stopped only by the network's egress rules (README, "Credentials").
 """
 
 from __future__ import annotations
