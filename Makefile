@@ -52,6 +52,7 @@ run: setup .env
 # Production: see README "Production". Settings come from the environment (or .env).
 # Several workers share sessions and changes through Redis: one worker without it.
 WORKERS ?= $(if $(filter redis%,$(CACHE_URL)),2,1)
+serve: export WEB_CONCURRENCY = $(WORKERS)
 serve: setup
 	$(PY) manage.py check --deploy
 	$(PY) manage.py migrate --no-input

@@ -2,20 +2,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core import checks
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 
 
 def check_shared_cache(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
-    if not isinstance(caches["default"], LocMemCache):
+    """Several workers must share their cache; one worker on local memory is fine."""
+    workers = settings.WEB_CONCURRENCY
+    if workers <= 1 or not isinstance(caches["default"], LocMemCache):
         return []
     return [
         checks.Warning(
-            "CACHE_URL is local memory: each worker process has its own. With more than "
-            "one worker, a changed user or credential reaches the other workers only "
-            "within a minute, and a sign-out not until the session expires.",
-            hint="Run one worker, or share Redis between them: CACHE_URL=redis://HOST:6379/0",
+            f"CACHE_URL is local memory, and WEB_CONCURRENCY={workers} workers each have "
+            "their own: a changed user or credential reaches the other workers only within "
+            "a minute, and a sign-out not until the session expires.",
+            hint="Share Redis between them (CACHE_URL=redis://HOST:6379/0), or run one worker.",
             id="platform_site.W001",
         )
     ]

@@ -264,6 +264,10 @@ def _cache(url: str) -> dict[str, object]:
     return config
 
 
+# How many worker processes serve the site (uvicorn and gunicorn read it too; make serve
+# sets it): several need a shared cache (platform_site.W001).
+WEB_CONCURRENCY = int(_number("WEB_CONCURRENCY", 1, integer=True))
+
 DATABASES = {"default": _database(_str("DATABASE_URL", "sqlite:///db.sqlite3"))}
 CACHES = {"default": _cache(_str("CACHE_URL", "locmemcache://"))}
 

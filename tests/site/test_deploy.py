@@ -47,7 +47,6 @@ def test_the_documented_production_environment_passes():
         ("CSRF_COOKIE_SECURE", "false", "CSRF_COOKIE_SECURE"),
         ("DEBUG", "true", "DEBUG"),
         ("SECRET_KEY", "short-and-weak", "SECRET_KEY"),
-        ("CACHE_URL", "locmemcache://", "CACHE_URL"),
     ],
 )
 def test_an_unsafe_setting_fails_the_check_and_is_named(variable, value, named):
@@ -55,6 +54,22 @@ def test_an_unsafe_setting_fails_the_check_and_is_named(variable, value, named):
 
     assert result.returncode == 1
     assert named in result.stderr
+
+
+def test_one_worker_may_keep_its_cache_in_local_memory():
+    result = run_manage(*CHECK, env=production(CACHE_URL="locmemcache://"))
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_several_workers_on_a_local_memory_cache_fail_the_check_and_say_why():
+    env = production(CACHE_URL="locmemcache://", WEB_CONCURRENCY="2")
+
+    result = run_manage(*CHECK, env=env)
+
+    assert result.returncode == 1
+    assert "platform_site.W001" in result.stderr
+    assert "CACHE_URL is local memory, and WEB_CONCURRENCY=2 workers" in result.stderr
 
 
 def test_djangos_security_checks_see_djangos_middleware():
