@@ -32,6 +32,7 @@ from django.utils import timezone
 
 from credentials.models import APIKeyCredentials
 from llm.models import UsageRecord
+from platform_site.signals import worker_stopping
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ _buffer = UsageBuffer(
     maxsize=settings.LLM_USAGE_BUFFER_SIZE, interval=settings.LLM_USAGE_FLUSH_SECONDS or 2.0
 )
 atexit.register(_buffer.flush)
+# uvicorn workers never reach atexit (they end by the signal that stopped them).
+worker_stopping.connect(lambda **kwargs: _buffer.flush(), weak=False)
 
 
 def _buffered() -> bool:

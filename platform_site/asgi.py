@@ -16,6 +16,11 @@ runs without a thread at all (docs/performance.md, "Serving model"):
   a thread, as Django does.
 - The middleware chain is built from settings.MIDDLEWARE, with Django's classes swapped
   for the twins of platform_site.middleware that call their hooks in place.
+
+It also speaks ASGI's lifespan protocol, which Django does not: at shutdown, after the
+last request, it sends `worker_stopping` (the usage records still buffered are written
+then). uvicorn ends a worker with the signal that stopped it once the lifespan is over,
+so `atexit` would never run.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ django.setup(set_prefix=False)
 
 from platform_site import copies  # noqa: E402 (needs the settings)
 from platform_site.middleware import ON_THE_LOOP  # noqa: E402
+from platform_site.signals import worker_stopping  # noqa: E402
 
 QUIET_RECEIVERS = frozenset({reset_queries, close_old_connections, close_caches, reset_urlconf})
 
@@ -59,6 +65,9 @@ class Handler(ASGIHandler):
             settings.MIDDLEWARE = listed
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         async with ThreadSensitiveContext():
@@ -119,6 +128,18 @@ class Handler(ASGIHandler):
             with contextlib.suppress(asyncio.CancelledError, RequestAborted):
                 await task
         return None if answer.cancelled() else answer.result()
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            # In a thread of its own: receivers write to the database.
+            await sync_to_async(worker_stopping.send, thread_sensitive=False)(sender=Handler)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def _has_thread() -> bool:

@@ -22,7 +22,14 @@ from llm import services
 from llm.errors import CredentialUnavailable, LLMError
 from llm.models import UsageRecord
 from llm.usage import UsageBuffer
-from tests.conftest import FAKE_KEY, GLOBAL_KEY, database_url, run_manage, subprocess_env
+from tests.conftest import (
+    FAKE_KEY,
+    GLOBAL_KEY,
+    database_url,
+    run_manage,
+    signed_in,
+    subprocess_env,
+)
 from tests.upstream import free_port
 
 MODEL = "gpt-test-mini"
@@ -389,8 +396,8 @@ def test_buffered_records_are_written_on_flush(
 
 
 def test_a_normal_exit_writes_what_the_buffer_holds(transactional_db):
-    # A process that buffers records (flush far away) and exits normally, as uvicorn does
-    # on SIGTERM: the records are written at exit, not lost.
+    # A process that buffers records (flush far away) and exits normally (a management
+    # command, a WSGI server's worker): the records are written at exit, not lost.
     script = (
         "from llm import usage\n"
         "for n in range(3): usage.record(purpose='chat', model=f'exit-{n}', latency_ms=1.0)\n"
@@ -402,3 +409,28 @@ def test_a_normal_exit_writes_what_the_buffer_holds(transactional_db):
     assert result.returncode == 0, result.stderr
     models = set(UsageRecord.objects.values_list("model", flat=True))
     assert models == {"exit-0", "exit-1", "exit-2"}
+
+
+def test_a_uvicorn_worker_stopped_by_sigterm_writes_what_the_buffer_holds(
+    start_site, django_user_model, credential_factory, costly
+):
+    # uvicorn ends a worker with the very signal that stopped it, after its graceful
+    # shutdown: atexit never runs there. The lifespan's shutdown writes the buffer.
+    alice = django_user_model.objects.create_user("alice")
+    credential = credential_factory(owner=alice, base_url=costly.base_url)
+    site = start_site(LLM_USAGE_FLUSH_SECONDS="600")
+    body = {"credential": str(credential.pk), "model": "sigterm-test", "messages": HELLO}
+
+    answer = site.request("POST", "/api/llm/chat", headers=signed_in(alice), body=body)
+    assert answer.status == 200, answer.content
+    assert not UsageRecord.objects.exists()  # buffered, the next flush is minutes away
+
+    site.process.terminate()
+    site.process.wait(15)
+
+    record = UsageRecord.objects.get()
+    assert (record.model, record.credential_id, record.cost_usd) == (
+        "sigterm-test",
+        credential.pk,
+        Decimal("0.0042"),
+    )

@@ -21,6 +21,7 @@ from django.utils.module_loading import import_string
 from llm import usage
 from platform_site.asgi import Handler, application
 from platform_site.middleware import ON_THE_LOOP
+from platform_site.signals import worker_stopping
 from tests.conftest import signed_in
 
 MODEL = "gpt-test-mini"
@@ -101,14 +102,41 @@ def test_it_answers_http(transactional_db):
     assert (status, json.loads(content)) == (200, {"status": "ok"})
 
 
-def test_it_refuses_what_is_not_http():
-    async def lifespan() -> None:
+def test_it_speaks_the_lifespan_protocol_and_tells_receivers_it_stops():
+    # uvicorn ends a worker by its signal after the lifespan, so atexit never runs there:
+    # what a worker buffers is written on `worker_stopping` (tests/llm/test_usage.py).
+    stopping: list[object] = []
+
+    def receiver(sender: object, **kwargs: object) -> None:
+        stopping.append(sender)
+
+    async def lifespan() -> list[object]:
         communicator = ApplicationCommunicator(application, {"type": "lifespan"})
         await communicator.send_input({"type": "lifespan.startup"})
+        said = [await communicator.receive_output()]
+        await communicator.send_input({"type": "lifespan.shutdown"})
+        said.append(await communicator.receive_output())
+        await communicator.wait()
+        return said
+
+    worker_stopping.connect(receiver)
+    try:
+        said = async_to_sync(lifespan)()
+    finally:
+        worker_stopping.disconnect(receiver)
+
+    assert said == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+    assert stopping == [type(application)]
+
+
+def test_it_refuses_what_is_not_http():
+    async def websocket() -> None:
+        communicator = ApplicationCommunicator(application, {"type": "websocket"})
+        await communicator.send_input({"type": "websocket.connect"})
         await communicator.wait()
 
     with pytest.raises(ValueError, match="only handle ASGI/HTTP"):
-        async_to_sync(lifespan)()
+        async_to_sync(websocket)()
 
 
 # ---- Django's own middleware ------------------------------------------------------------
