@@ -36,6 +36,11 @@ def _load(credential_id: uuid.UUID) -> APIKeyCredentials | None:
 _copies: LocalCopies[uuid.UUID, APIKeyCredentials] = LocalCopies("credentials", _load)
 
 
+async def acredential(credential_id: uuid.UUID) -> APIKeyCredentials | None:
+    """Any credential by id, whoever may use it (a fallback), from this process's copies."""
+    return await _copies.aget(credential_id)
+
+
 async def ausable_credential(user: Any, credential_id: uuid.UUID | str) -> APIKeyCredentials | None:
     """`usable_credential` for async code, without a thread hop while the copy is fresh."""
     try:

@@ -24,9 +24,10 @@ class UsageRecordAdmin(admin.ModelAdmin[UsageRecord]):
         "latency_display",
         "outcome",
         "failed_over",
+        "serving_credential",
     ]
     list_filter = ["purpose", "outcome", "failed_over", "created_at", "credential", "user"]
-    list_select_related = ["credential", "user"]
+    list_select_related = ["credential", "serving_credential", "user"]
     search_fields = ["model", "route_host", "credential__title", "user__username"]
     date_hierarchy = "created_at"
 

@@ -371,6 +371,7 @@ DNS_FAILURES = (
     "getaddrinfo failed",
 )
 DNS_ERRORS = (socket.gaierror, aiohttp.ClientConnectorDNSError)
+TLS_ERRORS = (ssl.SSLError, ssl.CertificateError, aiohttp.ClientSSLError)
 # The SDK's transports wrap these in different exceptions (the aiohttp one even calls a
 # refused connection a connect timeout), so the cause chain is what tells them apart.
 CONNECT_FAILURES = (
@@ -396,14 +397,14 @@ def translate(
 ) -> LLMError:
     """The LLMError for an exception the OpenAI SDK raised while calling `route`."""
     causes = list(_causes(error))
+    if any(isinstance(cause, TLS_ERRORS) for cause in causes):
+        return errors.unreachable(route, "tls")
     if any(isinstance(cause, CONNECT_FAILURES) for cause in causes):
         text = " ".join(str(cause) for cause in causes).lower()
         unresolved = any(isinstance(cause, DNS_ERRORS) for cause in causes) or any(
             phrase in text for phrase in DNS_FAILURES
         )
-        return errors.unreachable(
-            route, "host name not resolved" if unresolved else "connection refused"
-        )
+        return errors.unreachable(route, "dns" if unresolved else "refused")
     if any(isinstance(cause, DROPPED) for cause in causes):
         return errors.dropped(route)
     if isinstance(error, openai.APITimeoutError):

@@ -16,14 +16,34 @@ if TYPE_CHECKING:
     from llm.routes import Route
 
 
-class LLMError(Exception):
-    status = 502
+# Faults where the upstream gave no answer (or a gateway said it could not reach its own):
+# they count against a base URL's circuit breaker and send a call on to its fallback.
+CONNECTION_FAULTS = frozenset(
+    {"refused", "dns", "tls", "timeout", "dropped", "connection", "bad_gateway", "circuit_open"}
+)
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+
+class LLMError(Exception):
+    """`fault` names what went wrong in one word (metrics, the doctor, the breaker)."""
+
+    status = 502
+    fault = "error"
+    retry_after: float | None = None  # seconds, sent as Retry-After
+
+    def __init__(
+        self, message: str, *, status: int | None = None, fault: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        if fault is not None:
+            self.fault = fault
+
+    @property
+    def connection_level(self) -> bool:
+        """No answer came from the upstream: fail over; never true of a 4xx."""
+        return self.fault in CONNECTION_FAULTS
 
     def __str__(self) -> str:
         return self.message
@@ -33,6 +53,7 @@ class CredentialUnavailable(LLMError):
     """The credential (or the global default) cannot be used; no call was made."""
 
     status = 403
+    fault = "unavailable"
 
     def __init__(self, message: str, *, reason: str, status: int | None = None) -> None:
         super().__init__(message, status=status)
@@ -40,19 +61,23 @@ class CredentialUnavailable(LLMError):
 
 
 class ProxyUnreachable(LLMError):
-    """Connection refused, name not resolved, or no answer within the time budget."""
+    """Connection refused, name not resolved, TLS failed, no answer within the time
+    budget, or every route's circuit breaker is open."""
 
     status = 502
+    fault = "refused"
 
 
 class CredentialRejected(LLMError):
     """The upstream answered 401 or 403 to this key."""
 
     status = 502
+    fault = "rejected"
 
 
 class RateLimited(LLMError):
     status = 429
+    fault = "rate_limited"
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -61,12 +86,14 @@ class RateLimited(LLMError):
 
 class ModelNotFound(LLMError):
     status = 400
+    fault = "not_found"
 
 
 class UpstreamError(LLMError):
     """A 5xx, an unexpected status, a dropped connection or an answer that is not JSON."""
 
     status = 502
+    fault = "upstream"
 
 
 def who(route: Route) -> str:
@@ -79,11 +106,20 @@ def who(route: Route) -> str:
     }.get(route.source, "this route")
 
 
-def unreachable(route: Route, why: str) -> ProxyUnreachable:
+UNREACHABLE = {
+    "refused": "connection refused",
+    "dns": "host name not resolved",
+    "tls": "TLS handshake failed: check the certificate",
+}
+
+
+def unreachable(route: Route, fault: str) -> ProxyUnreachable:
+    """`fault` is one of UNREACHABLE's keys."""
     root = route.base_url.rsplit("/v1", 1)[0]
     return ProxyUnreachable(
-        f"Could not connect to the LLM proxy at {route.host} ({why}) for {who(route)}. "
-        f"Is the proxy running? Try: curl {root}/health/liveliness"
+        f"Could not connect to the LLM proxy at {route.host} ({UNREACHABLE[fault]}) for "
+        f"{who(route)}. Is the proxy running? Try: curl {root}/health/liveliness",
+        fault=fault,
     )
 
 
@@ -92,20 +128,49 @@ def timed_out(route: Route, budget: str) -> ProxyUnreachable:
         f"The LLM proxy at {route.host} did not answer in time for {who(route)}. Is it "
         f"overloaded or stuck? Try: curl {route.base_url}/models (the time budget is {budget}).",
         status=504,
+        fault="timeout",
     )
+
+
+# A fault in a few words: why a route was passed over ("served by B because A was ...").
+IN_SHORT = {
+    "refused": "connection refused",
+    "dns": "host name not resolved",
+    "tls": "TLS failed",
+    "timeout": "no answer in time",
+    "dropped": "connection dropped",
+    "connection": "connection failed",
+    "bad_gateway": "gateway error",
+    "circuit_open": "circuit breaker open",
+}
+
+
+def circuit_open(route: Route, retry_in: float) -> ProxyUnreachable:
+    """No call was sent: the route's breaker is open (llm.breaker)."""
+    error = ProxyUnreachable(
+        f"The LLM proxy at {route.host} is down for {who(route)}: its last connections "
+        f"failed, so calls to it pause for {max(1, round(retry_in))} s more. Try again then; "
+        "`manage.py check_llm_routes` says what is wrong.",
+        status=503,
+        fault="circuit_open",
+    )
+    error.retry_after = max(1.0, retry_in)
+    return error
 
 
 def dropped(route: Route) -> UpstreamError:
     return UpstreamError(
         f"The LLM proxy at {route.host} closed the connection without answering "
-        f"{who(route)}. Check its logs; try: curl {route.base_url}/models"
+        f"{who(route)}. Check its logs; try: curl {route.base_url}/models",
+        fault="dropped",
     )
 
 
 def connection_failed(route: Route) -> UpstreamError:
     return UpstreamError(
         f"The connection to the LLM proxy at {route.host} failed for {who(route)}. "
-        f"Check its logs; try: curl {route.base_url}/models"
+        f"Check its logs; try: curl {route.base_url}/models",
+        fault="connection",
     )
 
 
@@ -126,6 +191,13 @@ def answered(
             "does not match the proxy's keys, or it may not use this model. Enter the right "
             f"key in the admin.{said}"
         )
+    if status == 404 and model is None:
+        # No model was asked for: the path is wrong (GET {base}/models), not a name.
+        return UpstreamError(
+            f"The LLM proxy at {host} answered 404 to {who(route)}: is {base} its OpenAI "
+            f"endpoint (often ending in /v1)? `manage.py check_llm_routes` tries both.{said}",
+            fault="not_found",
+        )
     if status == 404:
         return ModelNotFound(
             f"The model {model!r} is not available at {host} for {who(route)}. Check the "
@@ -137,14 +209,23 @@ def answered(
             f"The LLM proxy at {host} is rate limiting {who(route)} (429).{wait}{said}",
             retry_after=retry_after,
         )
+    if status in (502, 503, 504):
+        # A gateway in front of the proxy (or the proxy's own) could not reach it.
+        return UpstreamError(
+            f"The LLM proxy at {host} is unavailable ({status}) for {who(route)}. Is it "
+            f"running behind its gateway? Try: curl {base}/models{said}",
+            fault="bad_gateway",
+        )
     return UpstreamError(
-        f"The LLM proxy at {host} answered {status} to {who(route)}. Check the proxy's logs.{said}"
+        f"The LLM proxy at {host} answered {status} to {who(route)}. Check the proxy's logs.{said}",
+        fault="bad_request" if 400 <= status < 500 else "upstream",
     )
 
 
 def call_failed(route: Route, kind: str) -> UpstreamError:
     return UpstreamError(
-        f"The call to the LLM proxy at {route.host} failed for {who(route)} ({kind})."
+        f"The call to the LLM proxy at {route.host} failed for {who(route)} ({kind}).",
+        fault="upstream",
     )
 
 
@@ -152,7 +233,8 @@ def malformed_answer(route: Route) -> UpstreamError:
     return UpstreamError(
         f"The LLM proxy at {route.host} sent an answer that is not an OpenAI-compatible "
         f"response, for {who(route)}. Is {route.base_url} the proxy's OpenAI endpoint "
-        "(often ending in /v1)?"
+        "(often ending in /v1)?",
+        fault="malformed",
     )
 
 

@@ -17,6 +17,16 @@ class UsageRecord(models.Model):
         on_delete=models.SET_NULL,
         related_name="usage_records",
     )
+    # The credential whose account paid: the chosen one, or after a failover the
+    # fallback that served (None for the global and LLM_FAILOVER_* routes).
+    serving_credential = models.ForeignKey(
+        "credentials.APIKeyCredentials",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="served_usage_records",
+        verbose_name="served by",
+    )
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -34,12 +44,17 @@ class UsageRecord(models.Model):
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
     latency_ms = models.FloatField(default=0)
     outcome = models.CharField(max_length=40, default="ok", help_text="ok, or the error's class")
-    failed_over = models.BooleanField(default=False)
+    failed_over = models.BooleanField(
+        default=False, help_text="Served by a fallback: the chosen route was down."
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["credential", "created_at"])]
+        indexes = [
+            models.Index(fields=["credential", "created_at"]),
+            models.Index(fields=["serving_credential", "created_at"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.model} via {self.route_host or '?'}: {self.outcome}"

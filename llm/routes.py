@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from django.conf import settings
 
 from credentials.crypto import DecryptionError
-from credentials.models import APIKeyCredentials
+from credentials.models import PLATFORM, APIKeyCredentials
 from credentials.secret import Secret
 from llm.errors import CredentialUnavailable
 
 Purpose = Literal["chat", "code", "embeddings"]
 Source = Literal["credential", "global", "internal", "failover"]
 PURPOSES: tuple[Purpose, ...] = ("chat", "code", "embeddings")
+# How far a call follows a credential's fallbacks (fallback of the fallback, ...).
+MAX_FALLBACK_HOPS = 3
 
 
 @dataclass(frozen=True)
@@ -104,4 +106,30 @@ def resolve_route(
         source="credential",
         credential_id=credential.pk,
         credential_title=credential.title,
+    )
+
+
+def fallback_route(purpose: Purpose, credential: APIKeyCredentials) -> Route | None:
+    """The route through a fallback credential, or None when it cannot serve.
+
+    The admin chose the fallback for the credential it backs, so it serves whoever may
+    use that one (no ownership check). An inactive, expired or undecryptable fallback
+    is skipped: the call goes on along the chain.
+    """
+    try:
+        route = resolve_route(purpose, credential, user=PLATFORM)
+    except CredentialUnavailable:
+        return None
+    return replace(route, source="failover")
+
+
+def failover_route(purpose: Purpose) -> Route | None:
+    """The last resort of every call, when LLM_FAILOVER_BASE_URL and _API_KEY are set."""
+    if not (settings.LLM_FAILOVER_BASE_URL and settings.LLM_FAILOVER_API_KEY):
+        return None
+    return Route(
+        purpose=purpose,
+        base_url=settings.LLM_FAILOVER_BASE_URL,
+        api_key=Secret(settings.LLM_FAILOVER_API_KEY),
+        source="failover",
     )

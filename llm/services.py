@@ -4,6 +4,11 @@ A call resolves its route for the user it is made for (the credential's, or the
 purpose's global default), holds the cached client through a lease (which turns SDK
 exceptions into LLMError sentences), reads the answer, and records itself (`_Call`).
 
+When that route is down (no answer, or its circuit breaker open: llm.breaker), the call
+goes on to the credential's fallbacks and then the LLM_FAILOVER_* route (`_Routes`);
+the result says so (`RouteInfo.failed_over_from`). An answer, a 4xx included, never
+fails over. A streamed call fails over only before its first chunk.
+
 `user` is whom the call is for. A credential they may not use raises
 CredentialUnavailable, and a call with no `user` may use no credential at all. Calls
 the platform makes for itself pass `user=PLATFORM`, which skips the ownership check.
@@ -13,17 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from credentials.models import PLATFORM, APIKeyCredentials
-from llm import clients
+from credentials.selectors import acredential
+from llm import clients, errors
 from llm import usage as usage_records
+from llm.breaker import Ask, Ticket, breakers
 from llm.errors import LLMError, reading_answer
-from llm.routes import Purpose, Route, resolve_route
+from llm.routes import (
+    MAX_FALLBACK_HOPS,
+    Purpose,
+    Route,
+    failover_route,
+    fallback_route,
+    resolve_route,
+)
 
 R = TypeVar("R", "ChatResult", "EmbeddingResult")
 CODE_INSTRUCTIONS = (
@@ -34,11 +49,29 @@ PROBE_THREADS = 8
 
 
 @dataclass(frozen=True)
-class RouteInfo:
-    """What a user may see of a route: where it went, not with which key."""
+class PassedOver:
+    """A route a call did not take because it was down: what a user may see of it."""
 
     source: str
     host: str
+    credential_id: str | None
+    credential_title: str | None
+    reason: str  # "connection refused", "circuit breaker open", ...
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What a user may see of a route: where it went, not with which key.
+
+    After a failover, `source` is "failover", the credential is the one that served
+    (None for the LLM_FAILOVER_* route) and `failed_over_from` the route it replaced.
+    """
+
+    source: str
+    host: str
+    credential_id: str | None = None
+    credential_title: str | None = None
+    failed_over_from: PassedOver | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +118,8 @@ class ProbeResult:
 
 
 def _info(route: Route) -> RouteInfo:
-    return RouteInfo(source=route.source, host=route.host)
+    credential_id = str(route.credential_id) if route.credential_id else None
+    return RouteInfo(route.source, route.host, credential_id, route.credential_title)
 
 
 def _usage(raw: Any) -> Usage:
@@ -154,22 +188,202 @@ def _code_messages(prompt: str) -> list[dict[str, str]]:
     ]
 
 
+class _Routes:
+    """The routes one call may take, in order, and what became of each.
+
+    The chosen route first; when it is down (a connection-level failure, or its
+    circuit breaker open): its credential's fallback chain (at most MAX_FALLBACK_HOPS,
+    no cycles), then the LLM_FAILOVER_* route. A base URL that failed once in this call
+    is not tried again. The chain is looked up only once the first route is down.
+    """
+
+    def __init__(
+        self,
+        purpose: Purpose,
+        primary: Route,
+        credential: APIKeyCredentials | None,
+        *,
+        fail_over: bool = True,
+    ) -> None:
+        self.purpose, self.primary, self.credential = purpose, primary, credential
+        self.served: Route | None = None
+        self.down: list[tuple[Route, LLMError]] = []  # failed or passed over, in order
+        self.tried = 0
+        self._queue = [primary]
+        self._expanded = not fail_over  # the fallbacks are in the queue (or never will be)
+        self._failed_urls: set[str] = set()
+        self._passed: list[Route] = []  # passed over: their breakers were open
+
+    def next(self) -> Route | Literal["expand"] | None:
+        """The next route to try; "expand" when the fallback chain must be read first
+        (`expand`); None when there is none left."""
+        while self._queue:
+            route = self._queue.pop(0)
+            if route.base_url not in self._failed_urls:
+                return route
+        return None if self._expanded else "expand"
+
+    def expand(self, chain: list[APIKeyCredentials]) -> None:
+        """Queue the fallback chain's routes, then the LLM_FAILOVER_* route."""
+        self._expanded = True
+        self._queue = [route for c in chain if (route := fallback_route(self.purpose, c))]
+        if last := failover_route(self.purpose):
+            self._queue.append(last)
+
+    def failed(self, route: Route, error: LLMError) -> None:
+        """`route` gave no answer: the next goes elsewhere (never to its base URL)."""
+        self.down.append((route, error))
+        self._failed_urls.add(route.base_url)
+
+    def skip(self, route: Route) -> None:
+        """`route`'s breaker is open: passed over without a try."""
+        retry_in = max(0.0, breakers.open_until(route.base_url) - time.time())
+        self.down.append((route, errors.circuit_open(route, retry_in)))
+        self._passed.append(route)
+
+    def last_resort(self) -> Route | None:
+        """When every route was passed over (none tried): the one whose breaker closes
+        first, rather than failing without a try."""
+        if not self._passed or self.tried:
+            return None
+        return min(self._passed, key=lambda route: breakers.open_until(route.base_url))
+
+    def attempt(self, route: Route, ticket: Ticket) -> _Attempt:
+        return _Attempt(self, route, ticket)
+
+    def serve(self, route: Route) -> PassedOver | None:
+        """`route` answered; the route it replaced after a failover, and why."""
+        self.served = route
+        if route is self.primary:
+            return None
+        first, error = self.down[0]
+        reason = errors.IN_SHORT.get(error.fault, error.fault)
+        return PassedOver(
+            first.source, first.host, _info(first).credential_id, first.credential_title, reason
+        )
+
+    def info(self, result: R, route: Route) -> R:
+        """`result` as served by `route`, saying which route it replaced (if any)."""
+        passed = self.serve(route)
+        if passed is None:
+            return result
+        return replace(result, route=replace(result.route, failed_over_from=passed))
+
+    def error(self) -> LLMError:
+        """Why no route served: the first one's error, naming the others that failed."""
+        if not self.down:  # pragma: no cover - a route is always tried or passed over
+            return errors.unreachable(self.primary, "refused")
+        (_, first), *rest = self.down
+        if not rest:
+            return first
+        also = "; ".join(
+            f"{errors.who(r)} at {r.host} ({errors.IN_SHORT.get(e.fault, e.fault)})"
+            for r, e in rest
+        )
+        error = type(first)(
+            f"{first.message} Its failover routes are down too: {also}.",
+            status=first.status,
+            fault=first.fault,
+        )
+        error.retry_after = first.retry_after
+        return error
+
+
+class _Attempt:
+    """One try of one route: reports the outcome to its breaker and to the call."""
+
+    __slots__ = ("route", "routes", "ticket")
+
+    def __init__(self, routes: _Routes, route: Route, ticket: Ticket) -> None:
+        self.routes, self.route, self.ticket = routes, route, ticket
+
+    def __enter__(self) -> None:
+        self.routes.tried += 1
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        breakers.done(self.ticket, error)
+        if isinstance(error, LLMError) and error.connection_level:
+            self.routes.failed(self.route, error)
+
+
+def _fallbacks(credential: APIKeyCredentials | None) -> Iterator[APIKeyCredentials]:
+    """The credential's fallback chain, read from the database (sync code)."""
+    seen = {credential.pk} if credential else set()
+    while credential is not None and len(seen) <= MAX_FALLBACK_HOPS:
+        next_id = credential.fallback_id
+        if next_id is None or next_id in seen:
+            return
+        seen.add(next_id)
+        credential = APIKeyCredentials.objects.filter(pk=next_id).first()
+        if credential is not None:
+            yield credential
+
+
+async def _afallbacks(credential: APIKeyCredentials | None) -> AsyncIterator[APIKeyCredentials]:
+    """The fallback chain from this process's copies (no thread hop while fresh)."""
+    seen = {credential.pk} if credential else set()
+    while credential is not None and len(seen) <= MAX_FALLBACK_HOPS:
+        next_id = credential.fallback_id
+        if next_id is None or next_id in seen:
+            return
+        seen.add(next_id)
+        credential = await acredential(next_id)
+        if credential is not None:
+            yield credential
+
+
+def _tickets(routes: _Routes) -> Iterator[tuple[Route, Ticket]]:
+    """The routes to try, each with its breaker's leave (sync code: the chain from the
+    database, the cache asked in this thread)."""
+    while (route := routes.next()) is not None:
+        if route == "expand":
+            routes.expand(list(_fallbacks(routes.credential)))
+            continue
+        ticket = breakers.admit(route.base_url)
+        if isinstance(ticket, Ask):
+            ticket = breakers.ask(route.base_url)
+        if ticket is None:
+            routes.skip(route)
+        else:
+            yield route, ticket
+    if (last := routes.last_resort()) and (forced := breakers.force(last.base_url)):
+        yield last, forced
+
+
+async def _atickets(routes: _Routes) -> AsyncGenerator[tuple[Route, Ticket]]:
+    """`_tickets` for async calls: the chain from the copies, the cache asked on the loop."""
+    while (route := routes.next()) is not None:
+        if route == "expand":
+            routes.expand([credential async for credential in _afallbacks(routes.credential)])
+            continue
+        ticket = breakers.admit(route.base_url)
+        if isinstance(ticket, Ask):
+            ticket = await breakers.aask(route.base_url)
+        if ticket is None:
+            routes.skip(route)
+        else:
+            yield route, ticket
+    if (last := routes.last_resort()) and (forced := await breakers.aforce(last.base_url)):
+        yield last, forced
+
+
 class _Call:
     """One call's bookkeeping, for sync, async and streaming calls alike.
 
-    Entering resolves the route and starts the clock; leaving writes the usage record
-    with the outcome: "ok", the error's class, or "Cancelled" (the caller went away).
+    Entering resolves the chosen route and starts the clock; leaving writes the usage
+    record with the outcome ("ok", the error's class, or "Cancelled": the caller went
+    away), the route that served and whether that was a failover.
     """
 
     def __init__(
         self, purpose: Purpose, model: str, credential: APIKeyCredentials | None, user: Any
     ) -> None:
         self.purpose, self.model, self.credential, self.user = purpose, model, credential, user
-        self.route: Route | None = None
+        self.routes: _Routes | None = None
         self.result: ChatResult | EmbeddingResult | None = None
         self.started = time.perf_counter()
 
-    def __enter__(self) -> Route:
+    def __enter__(self) -> _Routes:
         try:
             return self._resolve()
         except LLMError as error:
@@ -179,7 +393,7 @@ class _Call:
     def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         usage_records.record(**self._fields(error))
 
-    async def __aenter__(self) -> Route:
+    async def __aenter__(self) -> _Routes:
         try:
             return self._resolve()
         except LLMError as error:
@@ -189,9 +403,10 @@ class _Call:
     async def __aexit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         await usage_records.arecord(**self._fields(error))
 
-    def _resolve(self) -> Route:
-        self.route = resolve_route(self.purpose, self.credential, user=self.user)
-        return self.route
+    def _resolve(self) -> _Routes:
+        primary = resolve_route(self.purpose, self.credential, user=self.user)
+        self.routes = _Routes(self.purpose, primary, self.credential)
+        return self.routes
 
     def _fields(self, error: BaseException | None) -> dict[str, Any]:
         if error is None:
@@ -203,13 +418,17 @@ class _Call:
         result = self.result if error is None else None
         usage = result.usage if result else Usage()
         user = self.user  # a user, None, or PLATFORM (no user id)
+        routes = self.routes
+        route = routes and (routes.served or routes.primary)
         return {
             "credential_id": self.credential.pk if self.credential else None,
+            "serving_credential_id": route.credential_id if route else None,
             "user_id": user.pk if getattr(user, "is_authenticated", False) else None,
             "purpose": self.purpose,
             "model": (result.model if result and result.model else self.model)[:200],
-            "route_source": self.route.source if self.route else "",
-            "route_host": self.route.host if self.route else "",
+            "route_source": route.source if route else "",
+            "route_host": route.host if route else "",
+            "failed_over": bool(routes and routes.served and routes.served is not routes.primary),
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
@@ -220,17 +439,39 @@ class _Call:
 
 
 def _run(call: _Call, send: Callable[[Any], Any], read: Callable[[Any, Route], R]) -> R:
-    with call as route, clients.lease(route, model=call.model) as client:
-        result = call.result = read(send(client), route)
-    return result
+    with call as routes:
+        for route, ticket in _tickets(routes):
+            try:
+                with (
+                    routes.attempt(route, ticket),
+                    clients.lease(route, model=call.model) as client,
+                ):
+                    result = read(send(client), route)
+            except LLMError as error:
+                if error.connection_level:
+                    continue
+                raise
+            call.result = result = routes.info(result, route)
+            return result
+        raise routes.error()
 
 
 async def _arun(
     call: _Call, send: Callable[[Any], Awaitable[Any]], read: Callable[[Any, Route], R]
 ) -> R:
-    async with call as route, clients.alease(route, model=call.model) as client:
-        result = call.result = read(await send(client), route)
-    return result
+    async with call as routes, aclosing(_atickets(routes)) as tickets:
+        async for route, ticket in tickets:
+            try:
+                with routes.attempt(route, ticket):
+                    async with clients.alease(route, model=call.model) as client:
+                        result = read(await send(client), route)
+            except LLMError as error:
+                if error.connection_level:
+                    continue
+                raise
+            call.result = result = routes.info(result, route)
+            return result
+        raise routes.error()
 
 
 def _completion(messages: Sequence[dict[str, Any]], model: str, options: dict[str, Any]) -> Any:
@@ -278,31 +519,70 @@ async def astream_chat(
     credential: APIKeyCredentials | None = None,
     user: Any = None,
     **options: Any,
-) -> AsyncIterator[str | ChatResult]:
-    """A chat completion as it is generated: text pieces, then the ChatResult.
+) -> AsyncIterator[str | RouteInfo | ChatResult]:
+    """A chat completion as it is generated: the RouteInfo of the route that answers
+    (once its first chunk came), the text pieces, then the ChatResult.
 
-    A failure before or during the stream raises LLMError; a stream abandoned by its
-    reader is recorded as "Cancelled".
+    A failure before the first chunk fails over (or raises LLMError); a failure after
+    it raises LLMError (never a silent switch: the reader has half an answer). A stream
+    abandoned by its reader is recorded as "Cancelled".
     """
     call = _Call("chat", model, credential, user)
-    async with (
-        call as route,
-        clients.alease(route, model=model) as client,
-        client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
-            model=model,
-            messages=list(messages),
-            stream=True,
-            stream_options={"include_usage": True},
-            **options,
-        ) as response,
-    ):
-        answer = _StreamedAnswer(route, model, _cost(response.headers))
+    async with call as routes, aclosing(_atickets(routes)) as tickets:
+        async for route, ticket in tickets:
+            try:
+                with routes.attempt(route, ticket):
+                    stream = await _open_stream(route, model, messages, options)
+            except LLMError as error:
+                if error.connection_level:
+                    continue
+                raise
+            async with stream.resources:
+                yield replace(_info(route), failed_over_from=routes.serve(route))
+                answer = _StreamedAnswer(route, model, stream.cost)
+                piece = stream.first
+                while piece is not None:
+                    with reading_answer(route):
+                        text = answer.add(piece)
+                    if text:
+                        yield text
+                    with reading_answer(route):
+                        piece = await anext(stream.chunks, None)
+            call.result = result = routes.info(answer.result(), route)
+            yield result
+            return
+        raise routes.error()
+
+
+@dataclass
+class _OpenStream:
+    resources: AsyncExitStack  # the lease and the response, open until the stream ends
+    chunks: AsyncIterator[Any]
+    first: Any  # the first chunk (None: the stream was empty)
+    cost: float | None
+
+
+async def _open_stream(
+    route: Route, model: str, messages: Sequence[dict[str, Any]], options: dict[str, Any]
+) -> _OpenStream:
+    """Start a streamed completion and wait for its first chunk: until then, a failure
+    may fail over. Whatever the SDK raises comes out of the lease as an LLMError."""
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(clients.alease(route, model=model))
+        response = await stack.enter_async_context(
+            client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+                model=model,
+                messages=list(messages),
+                stream=True,
+                stream_options={"include_usage": True},
+                **options,
+            )
+        )
+        chunks = aiter(await response.parse())
         with reading_answer(route):
-            async for chunk in await response.parse():
-                if piece := answer.add(chunk):
-                    yield piece
-        result = call.result = answer.result()
-    yield result
+            first = await anext(chunks, None)
+        return _OpenStream(stack.pop_all(), chunks, first, _cost(response.headers))
+    raise AssertionError("unreachable")  # pragma: no cover - for type checkers
 
 
 def generate_code(
@@ -360,23 +640,29 @@ def _model_list(page: Any, route: Route, started: float) -> ModelList:
 
 def list_models(*, credential: APIKeyCredentials | None = None, user: Any = None) -> ModelList:
     """GET {base}/models with the credential's key. Listing models is not a use of the
-    credential: it writes no usage record."""
-    route = resolve_route("chat", credential, user=user)
+    credential: it writes no usage record, and it does not fail over (the list is the
+    credential's own), but it respects the route's circuit breaker."""
+    routes = _Routes("chat", resolve_route("chat", credential, user=user), None, fail_over=False)
     started = time.perf_counter()
-    with clients.lease(route) as client:
-        page = client.models.list()
-    return _model_list(page, route, started)
+    for route, ticket in _tickets(routes):
+        with routes.attempt(route, ticket), clients.lease(route) as client:
+            return _model_list(client.models.list(), route, started)
+    raise routes.error()
 
 
 async def alist_models(
     *, credential: APIKeyCredentials | None = None, user: Any = None
 ) -> ModelList:
     """The models the credential's key may use (the playground's suggestions)."""
-    route = resolve_route("chat", credential, user=user)
+    routes = _Routes("chat", resolve_route("chat", credential, user=user), None, fail_over=False)
     started = time.perf_counter()
-    async with clients.alease(route) as client:
-        page = await client.models.list()
-    return _model_list(page, route, started)
+    async with aclosing(_atickets(routes)) as tickets:
+        async for route, ticket in tickets:
+            with routes.attempt(route, ticket):
+                async with clients.alease(route) as client:
+                    page = await client.models.list()
+            return _model_list(page, route, started)
+    raise routes.error()
 
 
 def probe(credentials: Sequence[APIKeyCredentials]) -> list[ProbeResult]:
@@ -412,6 +698,7 @@ __all__ = [
     "EmbeddingResult",
     "LLMError",
     "ModelList",
+    "PassedOver",
     "ProbeResult",
     "RouteInfo",
     "Usage",

@@ -112,13 +112,15 @@ def as_row(fields: dict[str, Any]) -> tuple[Any, ...]:
     A thousand buffered dicts (or UUIDs) would be walked by every collection until the
     flush; tuples of strings, numbers, datetimes and decimals are untracked.
     """
-    credential_id = fields.get("credential_id")
-    if isinstance(credential_id, uuid.UUID):
-        fields = {**fields, "credential_id": credential_id.hex}
     return tuple(
-        fields[field.attname] if field.attname in fields else field.get_default()
+        _plain(fields[field.attname]) if field.attname in fields else field.get_default()
         for field in _fields()
     )
+
+
+def _plain(value: Any) -> Any:
+    # Credential ids as hex strings: what both drivers take, and untracked by the GC.
+    return value.hex if isinstance(value, uuid.UUID) else value
 
 
 def write(rows: list[tuple[Any, ...]]) -> None:

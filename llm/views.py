@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import wraps
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -39,7 +39,7 @@ from django.views.decorators.http import require_GET, require_POST
 from credentials.models import APIKeyCredentials
 from credentials.selectors import ausable_credential, usable_credentials
 from llm import services
-from llm.errors import LLMError, RateLimited
+from llm.errors import LLMError
 from llm.models import PlaygroundChoice
 from llm.requests import TOO_BIG, InvalidRequest, chat_request, embeddings_request, parse_json
 from platform_site import shared_cache
@@ -51,6 +51,7 @@ NO_SUCH_CREDENTIAL = "No such credential: choose one of your own or a shared one
 REMEMBERED = "keyroute_playground"
 # Readiness probes answer quickly or say what does not.
 READY_TIMEOUT = 2.0
+ROUTE_HEADER = "X-Keyroute-Route"
 
 
 def error_response(
@@ -64,7 +65,7 @@ def error_response(
 
 def llm_error_response(error: LLMError) -> JsonResponse:
     response = error_response(error.message, error.status, kind=type(error).__name__)
-    if isinstance(error, RateLimited) and error.retry_after is not None:
+    if error.retry_after is not None:
         response["Retry-After"] = str(round(error.retry_after))
     return response
 
@@ -142,13 +143,52 @@ def result_json(result: services.ChatResult | services.EmbeddingResult) -> dict[
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
         },
-        "route": {"source": result.route.source, "host": result.route.host},
+        "route": route_json(result.route),
     }
     if isinstance(result, services.ChatResult):
         body.update(text=result.text, cost=result.cost_usd)
     else:
         body.update(vectors=result.vectors, cost=result.cost_usd)
     return body
+
+
+def route_json(route: services.RouteInfo) -> dict[str, Any]:
+    """Where a call went and, after a failover, which route it replaced and why."""
+    body: dict[str, Any] = {
+        "source": route.source,
+        "host": route.host,
+        "credential": _credential_ref(route.credential_id, route.credential_title),
+        "failed_over_from": None,
+    }
+    if passed := route.failed_over_from:
+        body["failed_over_from"] = {
+            "source": passed.source,
+            "host": passed.host,
+            "credential": _credential_ref(passed.credential_id, passed.credential_title),
+            "reason": passed.reason,
+        }
+    return body
+
+
+def _credential_ref(credential_id: str | None, title: str | None) -> dict[str, str] | None:
+    return {"id": credential_id, "title": title or ""} if credential_id else None
+
+
+def route_header(route: services.RouteInfo) -> str:
+    """X-Keyroute-Route: source, host and credential id (never a title: headers are
+    ASCII, titles are whatever an admin typed), and the host failed over from."""
+    parts = [f"source={route.source}", f"host={quote(route.host, safe=':[]')}"]
+    if route.credential_id:
+        parts.append(f"credential={route.credential_id}")
+    if route.failed_over_from:
+        parts.append(f"from={quote(route.failed_over_from.host, safe=':[]')}")
+    return "; ".join(parts)
+
+
+def result_response(result: services.ChatResult | services.EmbeddingResult) -> JsonResponse:
+    response = JsonResponse(result_json(result))
+    response[ROUTE_HEADER] = route_header(result.route)
+    return response
 
 
 # ---- JSON API --------------------------------------------------------------------------
@@ -180,7 +220,7 @@ async def chat_api(request: HttpRequest, user: Any) -> HttpResponseBase:
     result = await services.achat(
         messages=chat.messages, model=chat.model, credential=credential, user=user, **chat.options
     )
-    return JsonResponse(result_json(result))
+    return result_response(result)
 
 
 @require_POST
@@ -191,7 +231,7 @@ async def embeddings_api(request: HttpRequest, user: Any) -> HttpResponseBase:
     result = await services.aembed(
         texts=embeddings.texts, model=embeddings.model, credential=credential, user=user
     )
-    return JsonResponse(result_json(result))
+    return result_response(result)
 
 
 @require_GET
@@ -208,29 +248,29 @@ def sse(data: Any, event: str | None = None) -> bytes:
 
 
 async def event_stream(
-    request: HttpRequest, stream: AsyncIterator[str | services.ChatResult]
+    request: HttpRequest, stream: AsyncIterator[str | services.RouteInfo | services.ChatResult]
 ) -> HttpResponseBase:
     """Server-sent events: {"delta"} pieces, then a "done" event with the whole result.
 
-    The first piece is awaited before answering, so that a failure to start (proxy down,
-    key rejected) gets its own status code rather than a 200 with an error event.
+    The stream's start (its route, once the first chunk came) is awaited before
+    answering, so that a failure to start (proxy down, key rejected) gets its own status
+    code rather than a 200 with an error event, and the route its header.
     Under WSGI the events are collected first and sent at once: a WSGI server would read
     the rest of the stream on another event loop than the one its connection lives on.
     """
     try:
-        first = await anext(stream)
+        route = await anext(stream)
     except LLMError as error:
         return llm_error_response(error)
+    assert isinstance(route, services.RouteInfo)
 
     async def events() -> AsyncIterator[bytes]:
-        item: str | services.ChatResult | None = first
         try:
-            while item is not None:
+            async for item in stream:
                 if isinstance(item, services.ChatResult):
                     yield sse(result_json(item), event="done")
-                else:
+                elif isinstance(item, str):
                     yield sse({"delta": item})
-                item = await anext(stream, None)
         except LLMError as error:
             kind = type(error).__name__
             yield sse({"error": {"message": error.message, "type": kind}}, event="error")
@@ -239,8 +279,11 @@ async def event_stream(
 
     if not isinstance(request, ASGIRequest):
         body = b"".join([chunk async for chunk in events()])
-        return HttpResponse(body, content_type="text/event-stream")
+        response: HttpResponseBase = HttpResponse(body, content_type="text/event-stream")
+        response[ROUTE_HEADER] = route_header(route)
+        return response
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response[ROUTE_HEADER] = route_header(route)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events on as they come
     return response
@@ -288,7 +331,7 @@ async def playground_send(request: HttpRequest, user: Any) -> HttpResponseBase:
         result = await services.aembed(
             texts=request_.texts, model=request_.model, credential=credential, user=user
         )
-        return JsonResponse(result_json(result))
+        return result_response(result)
     chat = chat_request({**data, "messages": [{"role": "user", "content": prompt}]})
     credential = await credential_for(user, chat.credential)
     await remember(request, user, credential, purpose, chat.model)
@@ -296,7 +339,7 @@ async def playground_send(request: HttpRequest, user: Any) -> HttpResponseBase:
         code = await services.agenerate_code(
             prompt=prompt, model=chat.model, credential=credential, user=user, **chat.options
         )
-        return JsonResponse(result_json(code))
+        return result_response(code)
     stream = services.astream_chat(
         messages=chat.messages, model=chat.model, credential=credential, user=user, **chat.options
     )

@@ -50,8 +50,32 @@ async def aget(key: str, default: Any = None, *, alias: str = "default") -> Any:
         return default
 
 
+async def aget_many(keys: list[str], *, alias: str = "default") -> dict[str, Any] | None:
+    """The cached values of those `keys` that exist; None when the cache fails."""
+    backend = caches[alias]
+    try:
+        if isinstance(backend, LocMemCache):
+            return backend.get_many(keys)
+        if isinstance(backend, RedisCache):
+            client = await _client(backend)
+            raws = await client.mget([backend.make_and_validate_key(key) for key in keys])
+            loads = _serializer(backend).loads
+            return {key: loads(raw) for key, raw in zip(keys, raws, strict=True) if raw is not None}
+        return await backend.aget_many(keys)
+    except Exception as error:
+        warn(backend, error)
+        return None
+
+
 async def aadd(key: str, value: int, timeout: int | None, *, alias: str = "default") -> bool:
     """Set an integer `key` unless it exists; False when it existed or the cache failed."""
+    return bool(await atry_add(key, value, timeout, alias=alias))
+
+
+async def atry_add(
+    key: str, value: int, timeout: float | None, *, alias: str = "default"
+) -> bool | None:
+    """`aadd` that tells a failed cache (None) from a key that existed (False)."""
     backend = caches[alias]
     try:
         if isinstance(backend, LocMemCache):
@@ -59,11 +83,12 @@ async def aadd(key: str, value: int, timeout: int | None, *, alias: str = "defau
         if isinstance(backend, RedisCache):
             client = await _client(backend)
             key = backend.make_and_validate_key(key)
-            return bool(await client.set(key, value, ex=timeout, nx=True))
+            expires = None if timeout is None else max(1, round(timeout * 1000))
+            return bool(await client.set(key, value, px=expires, nx=True))
         return await backend.aadd(key, value, timeout)
     except Exception as error:
         warn(backend, error)
-        return False
+        return None
 
 
 async def aproblem(*, timeout: float, alias: str = "default") -> str | None:

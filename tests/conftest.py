@@ -43,6 +43,16 @@ def django_db_modify_db_settings(
         db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_breakers() -> Iterator[None]:
+    """Every test starts with closed circuit breakers: loopback ports are reused."""
+    from llm.breaker import breakers
+
+    breakers.reset()
+    yield
+    breakers.reset()
+
+
 @pytest.fixture
 def credential_factory(db: None) -> Callable[..., APIKeyCredentials]:
     def make(**fields: Any) -> APIKeyCredentials:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -42,7 +43,44 @@ class Behaviour:
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
-    mode: str = "answer"  # answer | drop | hang | garbage
+    mode: str = "answer"  # answer | drop | hang | garbage | drop-mid-stream
+
+
+class DeadPort:
+    """A port where a proxy died: it accepts connections and closes them at once,
+    counting them, so a test can tell whether anything still knocks."""
+
+    def __init__(self, port: int = 0) -> None:
+        self._socket = socket.create_server(("127.0.0.1", port), backlog=128)
+        self.port = int(self._socket.getsockname()[1])
+        self.attempts = 0
+        self._thread = threading.Thread(target=self._serve, name="dead-port", daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return  # closed
+            self.attempts += 1
+            connection.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread
+        self._socket.close()
+        self._thread.join(5)
+
+    def __enter__(self) -> DeadPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def free_port() -> int:
@@ -257,6 +295,11 @@ class Upstream:
                 "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
             }
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if self.behaviour.mode == "drop-mid-stream":
+                await asyncio.sleep(0.05)  # the first chunk reaches the client first
+                assert request.transport is not None
+                request.transport.abort()
+                raise asyncio.CancelledError
         final = {
             "id": "chatcmpl-test",
             "object": "chat.completion.chunk",

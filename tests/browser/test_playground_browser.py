@@ -86,3 +86,40 @@ def test_a_failing_proxy_shows_a_sentence_not_an_error_page(
     expect(error).to_contain_text("Is the proxy running?")
     page.screenshot(path=str(artifacts / "playground-error.png"), full_page=True)
     assert ALICE_KEY not in page.content()
+
+
+def test_a_failover_says_who_served_and_why(
+    asgi_server, django_user_model, start_upstream, page, artifacts
+):
+    alice = django_user_model.objects.create_user("alice", password=USER_PASSWORD)
+    upstream = start_upstream()
+    backup = APIKeyCredentials(title="Team backup", api_key=BOB_KEY, base_url=upstream.base_url)
+    backup.save()
+    APIKeyCredentials(
+        title="Down proxy",
+        owner=alice,
+        api_key=ALICE_KEY,
+        base_url="http://127.0.0.1:9/v1",
+        fallback=backup,
+    ).save()
+
+    sign_in(page, asgi_server, "alice")
+    page.get_by_label("Credential").select_option(
+        label=f"Down proxy · litellm · 127.0.0.1:9 · …{ALICE_KEY[-4:]}"
+    )
+    page.get_by_label("Model").fill("gpt-test-mini")
+    page.get_by_label("Prompt").fill("anyone there?")
+    page.get_by_role("button", name="Send").click()
+
+    expect(page.locator("#answer")).to_have_text("echo: anyone there?")
+    meta = page.locator("#meta")
+    expect(meta.locator("[data-field=route]")).to_have_text(
+        f"route: failover · 127.0.0.1:{upstream.port}"
+    )
+    expect(meta.locator("[data-field=failover]")).to_have_text(
+        f"failover: served by Team backup (127.0.0.1:{upstream.port}) because "
+        "Down proxy (127.0.0.1:9) was unreachable (connection refused)"
+    )
+    page.screenshot(path=str(artifacts / "playground-failover.png"), full_page=True)
+    assert ALICE_KEY not in page.content()
+    assert BOB_KEY not in page.content()

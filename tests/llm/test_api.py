@@ -148,6 +148,16 @@ def test_the_playground_sends_signed_out_visitors_to_the_login_page(client, db):
     assert response["Location"] == "/accounts/login/?next=/llm/"
 
 
+def route_json(source, server, credential=None):
+    """The "route" of an answer that went where it was meant to."""
+    return {
+        "source": source,
+        "host": f"127.0.0.1:{server.port}",
+        "credential": {"id": str(credential.pk), "title": credential.title} if credential else None,
+        "failed_over_from": None,
+    }
+
+
 # ---- chat ------------------------------------------------------------------------------
 
 
@@ -160,8 +170,11 @@ def test_it_answers_a_chat_with_text_usage_cost_and_route(api, credential, costl
         "model": MODEL,
         "usage": HELLO_USAGE,
         "cost": 0.0042,
-        "route": {"source": "credential", "host": f"127.0.0.1:{costly.port}"},
+        "route": route_json("credential", costly, credential),
     }
+    assert response["X-Keyroute-Route"] == (
+        f"source=credential; host=127.0.0.1:{costly.port}; credential={credential.pk}"
+    )
     assert costly.requests[0].authorization == f"Bearer {FAKE_KEY}"
     assert_no_key(response)
 
@@ -196,10 +209,8 @@ def test_without_a_credential_it_uses_the_global_default(api, global_route, omit
     response = post_json(api, "/api/llm/chat", body)
 
     assert response.status_code == 200, response.content
-    assert response.json()["route"] == {
-        "source": "global",
-        "host": f"127.0.0.1:{global_route.port}",
-    }
+    assert response.json()["route"] == route_json("global", global_route)
+    assert response["X-Keyroute-Route"] == f"source=global; host=127.0.0.1:{global_route.port}"
     assert global_route.requests[0].authorization == f"Bearer {GLOBAL_KEY}"
     assert_no_key(response)
 
@@ -217,7 +228,7 @@ def test_it_embeds_a_string(api, credential, costly):
         "vectors": [[13.0, 0.0, 0.5]],
         "model": "embed-test",
         "usage": {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3},
-        "route": {"source": "credential", "host": f"127.0.0.1:{costly.port}"},
+        "route": route_json("credential", costly, credential),
         "cost": 0.0042,
     }
     assert costly.requests[0].body["input"] == ["one two three"]
@@ -232,7 +243,7 @@ def test_it_embeds_a_list_through_the_internal_default(api, global_route):
     answer = response.json()
     assert answer["vectors"] == [[1.0, 0.0, 0.5], [5.0, 1.0, 0.5]]
     assert answer["usage"]["total_tokens"] == 3
-    assert answer["route"] == {"source": "internal", "host": f"127.0.0.1:{global_route.port}"}
+    assert answer["route"] == route_json("internal", global_route)
     assert global_route.requests[0].body["input"] == ["a", "bb cc"]
 
 
@@ -257,9 +268,10 @@ def test_it_streams_deltas_in_order_then_the_whole_result(alice, credential, cos
         "model": MODEL,
         "usage": {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9},
         "cost": 0.0042,
-        "route": {"source": "credential", "host": f"127.0.0.1:{costly.port}"},
+        "route": route_json("credential", costly, credential),
     }
     assert response["Cache-Control"] == "no-cache"
+    assert response["X-Keyroute-Route"].startswith("source=credential; ")
     assert costly.requests[0].body["stream"] is True
     assert_no_key(response, content)
 
@@ -278,7 +290,7 @@ def test_under_wsgi_a_stream_arrives_whole(api, credential, costly):
             "model": MODEL,
             "usage": HELLO_USAGE,
             "cost": 0.0042,
-            "route": {"source": "credential", "host": f"127.0.0.1:{costly.port}"},
+            "route": route_json("credential", costly, credential),
         },
     )
 

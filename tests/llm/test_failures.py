@@ -143,7 +143,7 @@ SCRIPTED: dict[str, tuple[dict[str, Any], type[LLMError], int, list[str]]] = {
         {"status": 503, "body": {"error": {"message": "no healthy deployments"}}},
         UpstreamError,
         502,
-        [WHO, "answered 503", 'It said: "no healthy deployments"'],
+        [WHO, "is unavailable (503)", 'It said: "no healthy deployments"'],
     ),
     "dropped connection": (
         {"mode": "drop"},

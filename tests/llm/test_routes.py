@@ -254,6 +254,9 @@ def test_it_returns_the_chat_text_model_usage_and_route(credential_factory, upst
     assert dataclasses.asdict(result.route) == {
         "source": "credential",
         "host": f"127.0.0.1:{upstream.port}",
+        "credential_id": str(credential.pk),
+        "credential_title": credential.title,
+        "failed_over_from": None,
     }
     assert result.cost_usd is None
     assert KEY_A not in repr(result)
@@ -273,6 +276,9 @@ def test_it_returns_embeddings_in_input_order(credential_factory, upstream):
     assert dataclasses.asdict(result.route) == {
         "source": "credential",
         "host": f"127.0.0.1:{upstream.port}",
+        "credential_id": str(credential.pk),
+        "credential_title": credential.title,
+        "failed_over_from": None,
     }
     assert upstream.requests[0].body["input"] == texts
 
