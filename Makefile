@@ -52,11 +52,16 @@ run: setup .env
 # Production: see README "Production". Settings come from the environment (or .env).
 # Several workers share sessions and changes through Redis: one worker without it.
 WORKERS ?= $(if $(filter redis%,$(CACHE_URL)),2,1)
+# Each worker keeps its metrics in files there, and /metrics adds them up. The last run's
+# files are removed before uvicorn starts: their counts would be added in.
+METRICS_DIR := $(or $(PROMETHEUS_MULTIPROC_DIR),/tmp/keyroute-metrics-$(PORT))
 serve: export WEB_CONCURRENCY = $(WORKERS)
 serve: setup
 	$(PY) manage.py check --deploy
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py collectstatic --no-input --verbosity 0
+	mkdir -p -m 700 "$(METRICS_DIR)" && rm -f "$(METRICS_DIR)"/*.db
+	PROMETHEUS_MULTIPROC_DIR="$(METRICS_DIR)" \
 	$(PY) -m uvicorn platform_site.asgi:application --host $(HOST) --port $(PORT) \
 	  --workers $(WORKERS) --loop uvloop --http httptools --no-access-log --proxy-headers
 

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.cache import cache
 
+from llm import metrics
 from platform_site import shared_cache
 
 log = logging.getLogger(__name__)
@@ -398,6 +399,7 @@ class Breakers:
             )
         elif state == "closed" and before != "closed":
             log.info("The circuit breaker of %s is closed: %s answers again.", host, host)
+        metrics.breaker_changed(host=host, state=state)
 
     def _cache_failed(self, error: Exception) -> None:
         if self._shared:

@@ -38,7 +38,7 @@ import openai
 from django.conf import settings
 
 from credentials.policy import base_url_problem
-from llm import errors
+from llm import errors, metrics
 from llm.errors import CredentialUnavailable, LLMError
 from llm.routes import Route
 from platform_site.loops import at_loop_end
@@ -169,6 +169,7 @@ class ClientCache:
         if isinstance(spare, openai.OpenAI):
             spare.close()  # never used; an unused async client holds no connection yet
         self._retire(retired)
+        metrics.client_cache(size=len(self._entries), evicted=len(retired))
         return entry
 
     def release(self, entry: _Entry) -> None:
@@ -188,6 +189,7 @@ class ClientCache:
             ]
             evicted = [self._entries.pop(key) for key in keys]
         self._retire(evicted)
+        metrics.client_cache(size=len(self._entries), evicted=len(evicted))
         return len(evicted)
 
     async def aclose_loop(self) -> None:
@@ -196,6 +198,7 @@ class ClientCache:
         with self._lock:
             keys = [k for k, e in self._entries.items() if e.loop and e.loop() is loop]
             evicted = [self._entries.pop(key) for key in keys]
+        metrics.client_cache(size=len(self._entries), evicted=len(evicted))
         for entry in evicted:
             await entry.client.close()  # type: ignore[misc]
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from credentials.models import PLATFORM, APIKeyCredentials
 from credentials.selectors import acredential
-from llm import clients, errors
+from llm import clients, errors, metrics
 from llm import usage as usage_records
 from llm.breaker import Ask, Ticket, breakers
 from llm.errors import LLMError, reading_answer
@@ -391,7 +391,7 @@ class _Call:
             raise
 
     def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
-        usage_records.record(**self._fields(error))
+        usage_records.record(**self._finish(error))
 
     async def __aenter__(self) -> _Routes:
         try:
@@ -401,12 +401,34 @@ class _Call:
             raise
 
     async def __aexit__(self, kind: object, error: BaseException | None, tb: object) -> None:
-        await usage_records.arecord(**self._fields(error))
+        await usage_records.arecord(**self._finish(error))
 
     def _resolve(self) -> _Routes:
         primary = resolve_route(self.purpose, self.credential, user=self.user)
         self.routes = _Routes(self.purpose, primary, self.credential)
         return self.routes
+
+    def _finish(self, error: BaseException | None) -> dict[str, Any]:
+        """The usage record's fields, once the call is counted in the metrics."""
+        fields = self._fields(error)
+        result = self.result if error is None else None
+        serving = fields["serving_credential_id"]
+        metrics.record_call(
+            purpose=self.purpose,
+            source=fields["route_source"],
+            host=fields["route_host"],
+            outcome=fields["outcome"],
+            latency_seconds=fields["latency_ms"] / 1000,
+            prompt_tokens=fields["prompt_tokens"],
+            completion_tokens=fields["completion_tokens"],
+            cost_usd=result.cost_usd if result else None,
+            credential_id=str(serving) if serving else None,
+        )
+        if fields["failed_over"] and self.routes:
+            metrics.record_failover(
+                from_host=self.routes.primary.host, to_host=fields["route_host"]
+            )
+        return fields
 
     def _fields(self, error: BaseException | None) -> dict[str, Any]:
         if error is None:

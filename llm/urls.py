@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from llm import views
+from llm import metrics, views
 
 urlpatterns = [
     path("llm/", views.playground, name="playground"),
@@ -13,4 +13,5 @@ urlpatterns = [
     path("api/llm/models", views.models_api, name="api-models"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
 ]

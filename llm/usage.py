@@ -31,6 +31,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from credentials.models import APIKeyCredentials
+from llm import metrics
 from llm.models import UsageRecord
 from platform_site.signals import worker_stopping
 
@@ -55,12 +56,15 @@ class UsageBuffer:
     def add(self, fields: dict[str, Any]) -> None:
         row = as_row(fields)
         with self._lock:
-            if len(self._records) >= self.maxsize:
+            dropped = len(self._records) >= self.maxsize
+            if dropped:
                 self._records.popleft()
                 self.dropped += 1
             self._records.append(row)
+            depth = len(self._records)
             if self._thread is None:
                 self._start()
+        metrics.usage_buffer(depth=depth, dropped=int(dropped))
 
     def flush(self) -> int:
         """Write what the buffer holds; returns how many records were written."""
@@ -69,6 +73,7 @@ class UsageBuffer:
                 records = list(self._records)
                 self._records.clear()
                 dropped, self.dropped = self.dropped, 0
+            metrics.usage_buffer(depth=0)
             if dropped:
                 log.warning("Usage buffer full: %d usage records were dropped.", dropped)
             if records:
@@ -84,9 +89,12 @@ class UsageBuffer:
         """Put unwritten records back in front of newer ones, within the bound."""
         with self._lock:
             self._records.extendleft(reversed(records))
-            while len(self._records) > self.maxsize:
+            dropped = max(0, len(self._records) - self.maxsize)
+            for _ in range(dropped):
                 self._records.popleft()
-                self.dropped += 1
+            self.dropped += dropped
+            depth = len(self._records)
+        metrics.usage_buffer(depth=depth, dropped=dropped)
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="usage-flusher", daemon=True)

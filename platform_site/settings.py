@@ -6,6 +6,7 @@ Every variable is listed with its default and meaning in `.env.default`.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from pathlib import Path
@@ -100,6 +101,20 @@ def _list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in _str(name, default).split(",") if item.strip()]
 
 
+def _networks(name: str, default: str) -> list[str]:
+    """Comma-separated addresses or networks (10.0.0.0/8); a bad one stops start-up."""
+    entries = _list(name, default)
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"Unexpected value {name}={entry!r}: use IP addresses or networks, "
+                "e.g. 127.0.0.1,10.0.0.0/8."
+            ) from None
+    return entries
+
+
 def _proxy_ssl_header(name: str) -> tuple[str, str] | None:
     """`X-Forwarded-Proto,https` -> ("HTTP_X_FORWARDED_PROTO", "https"); empty: None."""
     value = _str(name)
@@ -153,8 +168,9 @@ CSRF_TRUSTED_ORIGINS = _list("CSRF_TRUSTED_ORIGINS")
 
 # HTTPS only, strict unless DEBUG: what `check --deploy --fail-level WARNING` asks for.
 SECURE_SSL_REDIRECT = _bool("SECURE_SSL_REDIRECT", not DEBUG)
-# Orchestrators probe the process over plain HTTP from inside the network.
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Orchestrators probe the process, and Prometheus scrapes it, over plain HTTP from inside
+# the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SECURE_HSTS_SECONDS = int(_number("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, integer=True))
 SECURE_HSTS_INCLUDE_SUBDOMAINS = _bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
 SECURE_HSTS_PRELOAD = _bool("SECURE_HSTS_PRELOAD", not DEBUG)
@@ -188,6 +204,14 @@ LLM_FAILOVER_API_KEY = _str("LLM_FAILOVER_API_KEY")
 LLM_BREAKER_FAILURES = max(0, int(_number("LLM_BREAKER_FAILURES", 3, integer=True)))
 LLM_BREAKER_COOLDOWN_SECONDS = _number("LLM_BREAKER_COOLDOWN_SECONDS", 30)
 LLM_BREAKER_REFRESH_SECONDS = _number("LLM_BREAKER_REFRESH_SECONDS", 1)
+
+# /metrics (llm/metrics.py): readable from these addresses, or by anyone with the token.
+METRICS_ALLOWED_IPS = _networks("METRICS_ALLOWED_IPS", "127.0.0.1,::1")
+METRICS_TOKEN = _str("METRICS_TOKEN")
+# Each worker's metrics live in files there, so that /metrics adds up all workers.
+PROMETHEUS_MULTIPROC_DIR = _str("PROMETHEUS_MULTIPROC_DIR")
+if not PROMETHEUS_MULTIPROC_DIR:  # prometheus_client takes even an empty one as set
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
