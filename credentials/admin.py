@@ -1,22 +1,36 @@
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
+from django.utils.timesince import timesince
 from django.views.decorators.debug import sensitive_post_parameters
 
 from credentials.models import APIKeyCredentials
 
+if TYPE_CHECKING:
+    from llm.breaker import Status
+
+    # The breaker of a credential's base URL, and its last probe (None: never probed).
+    Health = tuple[Status, dict[str, Any] | None]
+
 sensitive_key = method_decorator(sensitive_post_parameters("api_key"))
+# Where a changelist row keeps its health (breaker status, last probe), read for the
+# whole page at once in get_changelist_instance.
+HEALTH = "_keyroute_health"
 
 
 class CredentialForm(forms.ModelForm[APIKeyCredentials]):
@@ -105,6 +119,34 @@ def cost_chart(days: list[tuple[Any, Decimal]]) -> dict[str, Any]:
     }
 
 
+def _health(credentials: list[APIKeyCredentials]) -> dict[Any, Health]:
+    """(breaker status, last probe or None) of each credential, by pk, in order: one
+    cache read for the probes, one per distinct base URL for the breakers."""
+    from llm import breaker, doctor
+
+    probes = doctor.last_probes(credential.pk for credential in credentials)
+    urls = {credential.effective_base_url for credential in credentials}
+    states = {url: breaker.status(url) for url in urls}
+    return {
+        credential.pk: (states[credential.effective_base_url], probes.get(str(credential.pk)))
+        for credential in credentials
+    }
+
+
+def _ago(when: datetime) -> str:
+    if (timezone.now() - when).total_seconds() < 60:
+        return "just now"
+    return f"{timesince(when)} ago"
+
+
+def _probe_summary(result: Any) -> str:
+    """A Test connection result in a few words (its error's first sentence)."""
+    if not result.error:
+        return f"OK: {len(result.models)} model(s) in {result.latency_ms:.0f} ms"
+    first = str(result.error).split(". ")[0]
+    return f"failed: {first[:117] + '...' if len(first) > 120 else first}"
+
+
 @admin.register(APIKeyCredentials)
 class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
     form = CredentialForm
@@ -117,12 +159,13 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
         "is_active",
         "expires_at",
         "last_used_at",
+        "health",
     ]
     list_filter = ["provider", "is_active", OwnershipFilter, ExpiryFilter]
     search_fields = ["title", "owner__username", "base_url"]
     list_select_related = ["owner"]
     autocomplete_fields = ["owner"]
-    actions = ["test_connection", "activate", "deactivate"]
+    actions = ["test_connection", "diagnose", "activate", "deactivate"]
     readonly_fields = [
         "effective_route",
         "key_display",
@@ -184,11 +227,20 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
 
     @admin.action(description="Test connection (GET /models with the credential's key)")
     def test_connection(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
-        # The admin is a page: it may call the services, and only them. The probes run
-        # at once, each within LLM_PROBE_TIMEOUT_SECONDS.
-        from llm import services
+        # The admin is a page: it may call the services (and the doctor), and nothing
+        # below them. The probes run at once, each within LLM_PROBE_TIMEOUT_SECONDS; each
+        # result is remembered for the health column.
+        from llm import doctor, services
 
-        for result in services.probe(list(queryset)):
+        credentials = list(queryset)
+        results = services.probe(credentials)
+        doctor.remember_many(
+            {
+                credential.pk: (not result.error, _probe_summary(result))
+                for credential, result in zip(credentials, results, strict=True)
+            }
+        )
+        for result in results:
             if result.error:
                 self.message_user(request, f"{result.title}: {result.error}", messages.ERROR)
             else:
@@ -198,6 +250,55 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
                     f"with {len(result.models)} model(s).",
                     messages.SUCCESS,
                 )
+
+    @admin.action(
+        description="Diagnose (the doctor: /models, /health/liveliness, breaker)",
+        permissions=["change"],
+    )
+    def diagnose(
+        self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]
+    ) -> TemplateResponse:
+        """`manage.py check_llm_routes` for the selected credentials, as a page.
+
+        Only the credentials: the defaults are the environment's, which the command
+        checks where the environment is.
+        """
+        from llm import doctor
+
+        findings = doctor.diagnose(doctor.routes(queryset.order_by("title", "pk"), defaults=False))
+        doctor.remember_findings(findings)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Diagnosis",
+            "opts": self.opts,
+            "findings": findings,
+            "failed": sum(1 for finding in findings if not finding.ok),
+            "probe_timeout": settings.LLM_PROBE_TIMEOUT_SECONDS,
+        }
+        return TemplateResponse(request, "admin/credentials/diagnose.html", context)
+
+    @admin.display(description="health")
+    def health(self, obj: APIKeyCredentials) -> str:
+        """The breaker of the credential's base URL, and its last probe (Test connection,
+        Diagnose or check_llm_routes)."""
+        state, probe = obj.__dict__.get(HEALTH) or _health([obj])[obj.pk]
+        breaker = f"breaker {state.state}"
+        if state.state == "open":
+            breaker += f" ({state.failures} failures, retry in {state.retry_in:.0f} s)"
+        if probe is None:
+            last = "not tested yet"
+        else:
+            when = f", {_ago(probe['when'])}" if probe.get("when") else ""
+            last = f"{probe.get('summary', '')}{when}"
+        return format_html('{}<br><small class="quiet">{}</small>', breaker, last)
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        changelist = super().get_changelist_instance(request)
+        page = list(changelist.result_list)  # evaluated once; the rows render these objects
+        health = _health(page)
+        for credential in page:
+            credential.__dict__[HEALTH] = health[credential.pk]
+        return changelist
 
     @admin.action(description="Activate selected credentials")
     def activate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:

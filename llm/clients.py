@@ -362,6 +362,24 @@ def cache_stats() -> dict[str, int]:
     return {"clients": len(_cache), "builds": _cache.builds}
 
 
+def probe_status(route: Route, url: str) -> int:
+    """The status a GET of `url` answers, sent without the key: the doctor's look at
+    LiteLLM's unauthenticated /health/liveliness.
+
+    The route's probe client sends it (short time budget, no retries, the route's base
+    URL policy). Any answer is a status, a 404 included; no answer raises the LLMError
+    that says why, as every lease does.
+    """
+    with lease(route, probe=True) as client:
+        try:
+            response = client.get(
+                url, cast_to=httpx2.Response, options={"headers": {"Authorization": openai.Omit()}}
+            )
+        except openai.APIStatusError as error:
+            return error.status_code
+    return response.status_code
+
+
 # ---- translating SDK errors ----------------------------------------------------------
 
 # What resolvers say when a name does not resolve (glibc, musl, macOS). Not "dns": the
