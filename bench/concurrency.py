@@ -1,31 +1,39 @@
 """Throughput of the site under many clients, next to its ceilings, in one run.
 
     python bench/concurrency.py [--levels 100,200,500] [--duration 10] [--delay 1.0]
+                                [--only chat|chat-off|healthz|bare|breaker]
 
 Starts, each in its own process on 127.0.0.1: tests/upstream.py answering every chat
 completion after --delay seconds; the site under uvicorn (1 worker, uvloop, httptools,
-as `make serve` runs it; DEBUG=false, LLM_MAX_RETRIES=0); and bench/bare_app.py under
-uvicorn with the same flags: a bare ASGI app, no Django, making the site's SDK call
-(`chat.completions.with_raw_response.create`, then `.parse()`) with the site's client
-settings against the same upstream with the same fake key. A temporary SQLite database
-(or DATABASE_URL, when set: the rows made are removed afterwards) holds a user with a
-session and a credential of theirs pointing at the upstream.
+as `make serve` runs it; DEBUG=false, LLM_MAX_RETRIES=0; the circuit breaker on, as by
+default); a second site process, the same with the breaker off (LLM_BREAKER_FAILURES=0);
+and bench/bare_app.py under uvicorn with the same flags: a bare ASGI app, no Django,
+making the site's SDK call (`chat.completions.with_raw_response.create`, then
+`.parse()`) with the site's client settings against the same upstream with the same
+fake key. A temporary SQLite database (or DATABASE_URL, when set: the rows made are
+removed afterwards) holds a user with a session and a credential of theirs pointing at
+the upstream; both site processes use them.
 
 At each level, N virtual clients (an aiohttp load generator in this process, one
 ClientSession per phase with a connector limit of N) loop for --warmup + --duration
 seconds, first on POST /api/llm/chat (session cookie, CSRF cookie and X-CSRFToken, as
-the playground sends them), then on GET /healthz (no database, no upstream): the
-ceiling of this server on this machine, then on POST /v1/chat of the bare app (the same
-JSON body less the credential): the reference row "(r)", the ceiling of the same SDK
-call without Django. Only requests that end inside the measured window count toward
-requests/s and latency; errors (non-200 answers, exceptions) count over the whole phase.
+the playground sends them), then the same on the breaker-off process ("chat-off"; the
+two run back to back, which goes first alternating from level to level, so that machine
+noise hits both alike), then on GET /healthz (no database, no upstream): the ceiling of
+this server on this machine, then on POST /v1/chat of the bare app (the same JSON body
+less the credential): the reference row "(r)", the ceiling of the same SDK call without
+Django. Only requests that end inside the measured window count toward requests/s and
+latency; errors (non-200 answers, exceptions) count over the whole phase.
 Per phase it also prints the CPU time per answered request of the process driven and the
-most threads it had (both from /proc), and per level chat/ceiling and chat/(r).
+most threads it had (both from /proc), and per level chat/ceiling, chat/(r) and the
+breaker's cost: chat/chat-off in answers/s and in CPU per answer.
 
-Targets at the largest level (500 by default): 0 chat errors, chat >= 300 answers/s, and
-chat >= 60% of (r); the exit status is 1 when they are missed (not checked with --only).
-The whole default run takes about 2 minutes, and the processes started are stopped on the
-way out, Ctrl-C included.
+Targets at the largest level (500 by default): 0 chat errors, chat >= 300 answers/s,
+chat >= 60% of (r), and chat/chat-off >= 0.97 in answers/s (checking the breaker puts no
+thread hop or round trip on a call); the exit status is 1 when they are missed. With
+--only they are not checked, except --only breaker (chat and chat-off alone), which
+checks chat/chat-off. The whole default run takes about 3 minutes (12 phases of 12 s),
+and the processes started are stopped on the way out, Ctrl-C included.
 
 A LiteLLM proxy row (the same call through a real proxy) is planned once the project has
 a proxy test environment (a later issue); it is not measured yet.
@@ -73,12 +81,17 @@ CHAT_BODY = (
 # The bare app routes by its environment, not by a credential: the same body less that.
 BARE_BODY = b'{"model": "%s", "messages": [{"role": "user", "content": "ping"}]}'
 BARE_APP = "bare_app:app"  # served with --app-dir bench: nothing of the project on its path
-ENDPOINTS = ("chat", "healthz", "bare")
-SERVED_BY = {"chat": "site", "healthz": "site", "bare": "bare"}
+ENDPOINTS = ("chat", "chat-off", "healthz", "bare")
+# --only takes an endpoint, or one of these groups.
+GROUPS = {"breaker": ("chat", "chat-off")}
+# chat-off: the same chat on a second site process with the circuit breaker off.
+SERVED_BY = {"chat": "site", "chat-off": "site-off", "healthz": "site", "bare": "bare"}
+CHATS = ("chat", "chat-off")  # the endpoints answered with the site's chat
 LABELS = {"bare": "bare (r)"}  # the reference row of the table
 TARGET_ERRORS = 0
 TARGET_RATE = 300.0  # chat answers/s at the largest level
 TARGET_BARE_SHARE = 0.60  # chat/(r) at the largest level
+TARGET_BREAKER_SHARE = 0.97  # chat/chat-off (breaker on/off) at the largest level
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -104,6 +117,8 @@ def setup_django(
         SECURE_SSL_REDIRECT="false",
         DJANGO_SETTINGS_MODULE=settings_module,
     )
+    # chat runs as the site does by default, the breaker on; chat-off sets it to 0.
+    os.environ.pop("LLM_BREAKER_FAILURES", None)
     import django
     from django.core.management import call_command
 
@@ -570,6 +585,10 @@ def report(phases: dict[str, Phase], delay: float) -> None:
         notes.append(f"chat/ceiling {share(phases['chat'], phases['healthz']):.1%}")
     if "chat" in phases and "bare" in phases:
         notes.append(f"chat/(r) {share(phases['chat'], phases['bare']):.1%}")
+    if "chat" in phases and "chat-off" in phases:
+        on, off = phases["chat"], phases["chat-off"]
+        cpu = on.cpu_ms_per_request / off.cpu_ms_per_request if off.server_cpu else float("nan")
+        notes.append(f"breaker on/off: answers/s {share(on, off):.3f}, CPU ms/answer {cpu:.3f}")
     load = " / ".join(f"{p.bench_cpu / p.window:.0%}" for p in phases.values())
     upstream = " / ".join(f"{p.upstream_cpu / p.window:.0%}" for p in phases.values())
     notes.append(f"CPU of one core: load generator {load}, upstream {upstream}")
@@ -590,28 +609,49 @@ def share(phase: Phase, reference: Phase) -> float:
 
 
 def summary(phases: dict[str, Phase]) -> bool:
-    """The targets, at the largest level: 0 chat errors, a chat rate, a share of (r)."""
-    chat, bare = phases["chat"], phases["bare"]
-    errors = sum(chat.errors.values())
-    checks = [
-        (errors <= TARGET_ERRORS, f"chat errors {errors} (target {TARGET_ERRORS})"),
-        (
-            chat.rate >= TARGET_RATE,
-            f"chat {chat.rate:.1f} answers/s (target >= {TARGET_RATE:g})",
-        ),
-        (
-            share(chat, bare) >= TARGET_BARE_SHARE,
-            f"chat/(r) {share(chat, bare):.1%} (target >= {TARGET_BARE_SHARE:.0%})",
-        ),
-    ]
-    print(f"\nAt {chat.clients} in flight (server CPU per answer in brackets):")
+    """The targets, at the largest level, of the endpoints driven: 0 chat errors, a chat
+    rate and a share of (r) (when chat and bare were driven); chat/chat-off (when both)."""
+    checks = []
+    chat = phases.get("chat")
+    if chat is not None and "bare" in phases:
+        bare, errors = phases["bare"], sum(chat.errors.values())
+        checks += [
+            (errors <= TARGET_ERRORS, f"chat errors {errors} (target {TARGET_ERRORS})"),
+            (
+                chat.rate >= TARGET_RATE,
+                f"chat {chat.rate:.1f} answers/s (target >= {TARGET_RATE:g})",
+            ),
+            (
+                share(chat, bare) >= TARGET_BARE_SHARE,
+                f"chat/(r) {share(chat, bare):.1%} (target >= {TARGET_BARE_SHARE:.0%})",
+            ),
+        ]
+    if chat is not None and "chat-off" in phases:
+        ratio = share(chat, phases["chat-off"])
+        checks.append(
+            (
+                ratio >= TARGET_BREAKER_SHARE,
+                f"chat/chat-off (breaker on/off) {ratio:.3f} in answers/s "
+                f"(target >= {TARGET_BREAKER_SHARE:g})",
+            )
+        )
+    clients = next(iter(phases.values())).clients
+    print(f"\nAt {clients} in flight (server CPU per answer in brackets):")
     for phase in phases.values():
         print(
             f"  {label(phase.target.endpoint)}: {phase.rate:.1f} answers/s "
             f"({phase.cpu_ms_per_request:.2f} ms), {sum(phase.errors.values())} errors"
         )
-    if "healthz" in phases:
+    if chat is not None and "healthz" in phases:
         print(f"  chat/ceiling {share(chat, phases['healthz']):.1%} (no target)")
+    if chat is not None and "chat-off" in phases:
+        off = phases["chat-off"]
+        print(
+            f"  breaker on/off: {chat.rate:.1f}/{off.rate:.1f} answers/s, "
+            f"p50 {chat.percentile(0.5) * 1000:.0f}/{off.percentile(0.5) * 1000:.0f} ms, "
+            f"p99 {chat.percentile(0.99) * 1000:.0f}/{off.percentile(0.99) * 1000:.0f} ms, "
+            f"CPU {chat.cpu_ms_per_request:.2f}/{off.cpu_ms_per_request:.2f} ms an answer"
+        )
     for ok, text in checks:
         print(f"  {'ok    ' if ok else 'MISSED'} {text}")
     met = all(ok for ok, _ in checks)
@@ -634,7 +674,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument("--delay", type=float, default=1.0, help="upstream seconds per answer")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request")
-    parser.add_argument("--only", choices=ENDPOINTS, help="drive one endpoint only")
+    parser.add_argument(
+        "--only",
+        choices=(*ENDPOINTS, *GROUPS),
+        help="drive one endpoint only; breaker: chat and chat-off (the breaker on and off)",
+    )
     parser.add_argument(
         "--settings",
         default="platform_site.settings",
@@ -666,7 +710,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    endpoints = [e for e in ENDPOINTS if args.only in (None, e)]
+    chosen = GROUPS.get(args.only, (args.only,)) if args.only else ENDPOINTS
+    endpoints = [e for e in ENDPOINTS if e in chosen]
     given_database = os.environ.get("DATABASE_URL", "").strip() or None
     with tempfile.TemporaryDirectory(prefix="keyroute-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -691,7 +736,7 @@ def main() -> None:
                 if given_database:
                     remove_fixtures(fixtures)
     largest = {p.target.endpoint: p for p in results if p.clients == args.levels[-1]}
-    if not args.only and not summary(largest):
+    if args.only in (None, *GROUPS) and not summary(largest):
         sys.exit(1)
 
 
@@ -710,10 +755,12 @@ def start_servers(
     tmp: Path,
     procs: list[subprocess.Popen[bytes]],
 ) -> dict[str, Server]:
-    """The site and the bare app, each only when a phase drives it: --only bare needs no
-    site, so it still measures (r) while the site cannot start."""
+    """The site (breaker on and off) and the bare app, each only when a phase drives it:
+    --only bare needs no site, so it still measures (r) while the site cannot start."""
+    off_env = {**env, "LLM_BREAKER_FAILURES": "0"}
     starters: dict[str, Callable[[Path], Service]] = {
         "site": lambda log: start_site(env, args.app, log),
+        "site-off": lambda log: start_site(off_env, args.app, log),
         "bare": lambda log: start_bare(env, upstream_url, log),
     }
     servers: dict[str, Server] = {}
@@ -728,12 +775,17 @@ def start_servers(
 
 def wrap_up(servers: dict[str, Server], results: list[Phase], fixtures: Fixtures) -> None:
     """Stops the servers, then says what they left: usage rows, a log when something failed."""
-    for name, server in servers.items():
+    for server in servers.values():
         stop(server.proc)  # uvicorn exits cleanly: the site's usage buffer is flushed at exit
+    # Both site processes record the same user's chats: one count for the two.
+    chats = [p for p in results if p.target.endpoint in CHATS]
+    if chats:
+        smoke_tests = len({p.target.endpoint for p in chats})
+        answered = smoke_tests + sum(p.answered for p in chats)
+        driven = " and ".join(dict.fromkeys(p.target.endpoint for p in chats))
+        print(f"  usage records written: {usage_rows(fixtures)} for {answered} {driven} answers")
+    for name, server in servers.items():
         phases = [p for p in results if SERVED_BY[p.target.endpoint] == name]
-        if any(p.target.endpoint == "chat" for p in phases):
-            answered = 1 + sum(p.answered for p in phases if p.target.endpoint == "chat")
-            print(f"  usage records written: {usage_rows(fixtures)} for {answered} chat answers")
         code = server.proc.returncode
         if any(p.errors for p in phases) or code not in (0, -signal.SIGTERM):
             print(f"\nuvicorn ({name}) exited with {code}; its log ends with:")
@@ -742,10 +794,10 @@ def wrap_up(servers: dict[str, Server], results: list[Phase], fixtures: Fixtures
 
 def make_target(endpoint: str, base: str, fixtures: Fixtures) -> Target:
     json_body = {"Content-Type": "application/json"}
-    if endpoint == "chat":
+    if endpoint in CHATS:
         body = CHAT_BODY % (MODEL.encode(), fixtures.credential_id.encode())
         headers = {**fixtures.headers, **json_body}
-        return Target("chat", "POST", f"{base}/api/llm/chat", headers, body)
+        return Target(endpoint, "POST", f"{base}/api/llm/chat", headers, body)
     if endpoint == "healthz":
         return Target("healthz", "GET", f"{base}/healthz", fixtures.headers)
     # No cookies: the bare app has no session or CSRF to check.
@@ -759,17 +811,25 @@ def run(
     watched: Watched,
     endpoints: list[str],
 ) -> list[Phase]:
-    """Every level: chat, its ceiling, then (r); prints the table as it goes."""
+    """Every level: chat and chat-off, its ceiling, then (r); prints the table as it goes."""
     targets = [make_target(e, servers[SERVED_BY[e]].base, fixtures) for e in endpoints]
+    from django.conf import settings
     from django.db import connection
 
     print(f"Machine: {machine()}")
     print(f"Versions: {versions()}")
     print(f"Upstream: tests/upstream.py, {args.delay:g} s an answer")
-    if "site" in servers:
+    if "site" in servers or "site-off" in servers:
         print(
             f"Server: {args.app} under uvicorn, 1 worker, uvloop + httptools; "
             f"database: {connection.vendor}"
+        )
+    if "site-off" in servers:
+        print(
+            "chat-off: the same chat on a second site process (same flags, same database) "
+            "with the circuit breaker off (LLM_BREAKER_FAILURES=0); chat's has it on "
+            f"(LLM_BREAKER_FAILURES={settings.LLM_BREAKER_FAILURES}); the two run back to "
+            "back, which goes first alternating by level"
         )
     if "bare" in servers:
         print(
@@ -785,11 +845,23 @@ def run(
         asyncio.run(smoke_test(target))
     print(HEAD)
     results: list[Phase] = []
-    for clients in args.levels:
-        phases = {t.endpoint: run_phase(t, clients, args, watched) for t in targets}
+    for number, clients in enumerate(args.levels):
+        driven = {t.endpoint: run_phase(t, clients, args, watched) for t in order(targets, number)}
+        phases = {t.endpoint: driven[t.endpoint] for t in targets}  # the table's order
         report(phases, args.delay)
         results.extend(phases.values())
     return results
+
+
+def order(targets: list[Target], number: int) -> list[Target]:
+    """The phases of level `number` in the order they run: chat and chat-off back to back,
+    chat-off first at every other level, so that neither always has the same neighbours."""
+    ordered = list(targets)
+    names = [t.endpoint for t in ordered]
+    if number % 2 and set(CHATS) <= set(names):
+        on, off = names.index("chat"), names.index("chat-off")
+        ordered[on], ordered[off] = ordered[off], ordered[on]
+    return ordered
 
 
 def run_phase(target: Target, clients: int, args: argparse.Namespace, watched: Watched) -> Phase:

@@ -5,17 +5,24 @@
 (a) a pre-built, reused OpenAI client calling chat.completions.create;
 (b) llm.services.chat with a credential, for the platform: a fresh model instance per
     call (as a query loads it: key still encrypted), resolution, decryption (memoized
-    per token by credentials.crypto), the cached client and its lease, the usage record;
+    per token by credentials.crypto), the cached client and its lease, the usage record,
+    the circuit breaker checked and told the outcome (llm.breaker, on: the default);
+(b0) the same with the breaker off (LLM_BREAKER_FAILURES=0, set at runtime for its
+    rounds: `Breakers.enabled` reads the setting on every call);
 (c) a new OpenAI client per call (the habit Keyroute replaces), closed after use.
 
-Rounds interleave a, b and c so that machine noise hits all three alike; the table
-shows the median round. Then 10,000 calls through (b) print RSS and open descriptors
-before and after. Targets: (b)/(a) >= 0.90, (b)/(c) >= 20, RSS growth < 10 MB, fds flat.
+Rounds interleave a, b, b0 and c so that machine noise hits all four alike (b and b0 run
+back to back, their order swapped every round); the table shows the median round. Then
+10,000 calls through (b) print RSS and open descriptors before and after. Targets:
+(b)/(a) >= 0.90, (b)/(c) >= 20, (b)/(b0) >= 0.97 (checking the breaker puts no thread
+hop or round trip on a call), RSS growth < 10 MB, fds flat; the summary says which are
+met (the exit status does not).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -23,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,8 @@ def setup_django(tmp: Path) -> None:
         LLM_MAX_RETRIES="0",
         DJANGO_SETTINGS_MODULE="platform_site.settings",
     )
+    # (b) runs as the site does by default, the breaker on; (b0) turns it off at runtime.
+    os.environ.pop("LLM_BREAKER_FAILURES", None)
     import django
     from django.core.management import call_command
 
@@ -81,6 +91,19 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@contextlib.contextmanager
+def breaker_off() -> Iterator[None]:
+    """LLM_BREAKER_FAILURES=0 for the calls inside (read by llm.breaker on every call)."""
+    from django.conf import settings
+
+    before = settings.LLM_BREAKER_FAILURES
+    settings.LLM_BREAKER_FAILURES = 0
+    try:
+        yield
+    finally:
+        settings.LLM_BREAKER_FAILURES = before
+
+
 def timed(calls: int, call: Any) -> float:
     """Calls per second."""
     started = time.perf_counter()
@@ -117,6 +140,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace, base_url: str) -> None:
     import openai
+    from django.conf import settings
 
     from credentials.fields import EncryptedSecret
     from credentials.models import PLATFORM, APIKeyCredentials
@@ -149,27 +173,52 @@ def run(args: argparse.Namespace, base_url: str) -> None:
 
     for warm in (a, b, c):
         timed(50, warm)
+    with breaker_off():
+        timed(50, b)
+    failures = settings.LLM_BREAKER_FAILURES
+    assert failures > 0, "(b) is meant to run with the breaker on"
     c_calls = max(20, args.calls // 20)
-    rounds: dict[str, list[float]] = {"a": [], "b": [], "c": []}
-    for _ in range(args.rounds):
+    rounds: dict[str, list[float]] = {"a": [], "b": [], "b0": [], "c": []}
+    for number in range(args.rounds):
         rounds["a"].append(timed(args.calls, a))
-        rounds["b"].append(timed(args.calls, b))
+        # b and b0 back to back, which goes first alternating: no order favours either.
+        for name in ("b", "b0") if number % 2 == 0 else ("b0", "b"):
+            with breaker_off() if name == "b0" else contextlib.nullcontext():
+                rounds[name].append(timed(args.calls, b))
         rounds["c"].append(timed(c_calls, c))
     median = {name: statistics.median(values) for name, values in rounds.items()}
 
     print(f"Machine: {machine()}")
     print(f"Upstream: bench/fast_upstream.py in its own process ({base_url})")
-    print(f"{args.rounds} interleaved rounds; (a), (b): {args.calls} calls, (c): {c_calls} each\n")
-    print(f"{'path':<52} {'calls/s':>9} {'ms/call':>8}")
+    print(
+        f"{args.rounds} interleaved rounds; (a), (b), (b0): {args.calls} calls, "
+        f"(c): {c_calls} each\n"
+    )
+    print(f"{'path':<57} {'calls/s':>9} {'ms/call':>8}")
     labels = {
         "a": "(a) pre-built reused OpenAI client",
-        "b": "(b) llm.services.chat with a credential",
+        "b": f"(b) llm.services.chat, breaker on (LLM_BREAKER_FAILURES={failures})",
+        "b0": "(b0) the same, breaker off (LLM_BREAKER_FAILURES=0)",
         "c": "(c) new OpenAI client per call",
     }
     for name, label in labels.items():
-        print(f"{label:<52} {median[name]:>9.0f} {1000 / median[name]:>8.3f}")
-    print(f"\n(b)/(a) throughput: {median['b'] / median['a']:.2f}   (target >= 0.90)")
-    print(f"(b)/(c) throughput: {median['b'] / median['c']:.1f}x  (target >= 20x)")
+        print(f"{label:<57} {median[name]:>9.0f} {1000 / median[name]:>8.3f}")
+    b_a, b_c, b_b0 = (
+        median["b"] / median["a"],
+        median["b"] / median["c"],
+        median["b"] / median["b0"],
+    )
+    per_round = " ".join(
+        f"{on / off:.2f}" for on, off in zip(rounds["b"], rounds["b0"], strict=True)
+    )
+    checks = [
+        (b_a >= 0.90, f"(b)/(a) throughput: {b_a:.2f}   (target >= 0.90)"),
+        (b_c >= 20, f"(b)/(c) throughput: {b_c:.1f}x  (target >= 20x)"),
+        (b_b0 >= 0.97, f"(b)/(b0) throughput: {b_b0:.2f}  (target >= 0.97; by round: {per_round})"),
+    ]
+    print()
+    for ok, text in checks:
+        print(f"{text}  {'met' if ok else 'MISSED'}")
 
     rss_before, fds_before = rss_mb(), open_fds()
     timed(args.leak_calls, b)
@@ -178,11 +227,20 @@ def run(args: argparse.Namespace, base_url: str) -> None:
     growth = rss_after - rss_before
     print(f"  RSS  {rss_before:.1f} MB -> {rss_after:.1f} MB ({growth:+.1f} MB; target < 10)")
     print(f"  open file descriptors {fds_before} -> {fds_after} (target: flat)")
+    checks += [
+        (growth < 10, f"RSS growth {growth:+.1f} MB over {args.leak_calls} calls (target < 10)"),
+        (fds_after <= fds_before, f"open file descriptors {fds_before} -> {fds_after} (flat)"),
+    ]
     reused.close()
     assert load().api_key.get_secret_value() == KEY  # (b) really decrypts per call
     written = usage.flush()  # before the temporary database goes away
     total = UsageRecord.objects.count()
     print(f"  usage records written by the buffer: {total} (last flush {written})")
+
+    print("\nSummary:")
+    for ok, text in checks:
+        print(f"  {'ok    ' if ok else 'MISSED'} {text}")
+    print(f"  targets {'met' if all(ok for ok, _ in checks) else 'NOT met'}")
 
 
 if __name__ == "__main__":
