@@ -10,12 +10,16 @@ class LlmConfig(AppConfig):
     verbose_name = "LLM routing"
 
     def ready(self) -> None:
+        from django.core import checks
         from django.core.signals import setting_changed
         from django.db.models.signals import post_delete, post_save
 
         from credentials.models import APIKeyCredentials
         from credentials.signals import credentials_rotated
         from llm import clients
+        from llm.checks import check_failover_route
+
+        checks.register(check_failover_route)
 
         def evict_credential(sender: Any, instance: APIKeyCredentials, **kwargs: Any) -> None:
             clients.evict(instance.pk)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.core.checks import run_checks
 from django.test import Client
 
 from credentials.models import PLATFORM, APIKeyCredentials
@@ -21,6 +22,7 @@ from llm.breaker import breakers
 from llm.errors import CredentialRejected, LLMError, ProxyUnreachable, RateLimited, UpstreamError
 from llm.models import UsageRecord
 from tests.conftest import FAKE_KEY
+from tests.llm.test_api import events, stream
 from tests.upstream import DeadPort, Upstream, free_port
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
@@ -411,3 +413,54 @@ def test_a_killed_proxy_under_load_is_left_alone_until_one_probe_brings_it_back(
     records = UsageRecord.objects.filter(failed_over=True)
     assert records.exists()
     assert set(records.values_list("serving_credential_id", flat=True)) == {fallback.pk}
+
+
+def test_the_api_ends_a_stream_dropped_midway_with_an_error_event(
+    credential_factory, alice, start_upstream, backup
+):
+    flaky = start_upstream()
+    flaky.respond(mode="drop-mid-stream")
+    fallback = credential_factory(title="Backup", base_url=backup.base_url)
+    primary = credential_factory(owner=alice, base_url=flaky.base_url, fallback=fallback)
+    body = {"credential": str(primary.pk), "model": "m", "messages": MESSAGES, "stream": True}
+
+    response, content = stream(alice, "/api/llm/chat", body)
+
+    assert response.status_code == 200
+    assert response["X-Keyroute-Route"].startswith("source=credential; ")
+    received = events(content)
+    assert received[0] == ("message", {"delta": "echo:"})
+    name, data = received[-1]
+    assert name == "error"
+    assert data["error"]["type"] == "UpstreamError"
+    assert "closed the connection" in data["error"]["message"]
+    assert backup.requests == []
+
+
+# ---- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "key", "named"),
+    [
+        ("http://failover.example/v1", "", "LLM_FAILOVER_API_KEY"),
+        ("", FAILOVER_KEY, "LLM_FAILOVER_BASE_URL"),
+    ],
+)
+def test_a_half_set_failover_route_is_a_warning_that_names_what_is_missing(
+    settings, url, key, named
+):
+    settings.LLM_FAILOVER_BASE_URL, settings.LLM_FAILOVER_API_KEY = url, key
+
+    (warning,) = [m for m in run_checks() if m.id == "llm.W001"]
+
+    assert warning.msg.startswith(f"{named} is empty, so there is no failover route")
+    assert FAILOVER_KEY not in warning.msg + str(warning.hint)
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_a_failover_route_set_whole_or_not_at_all_passes(settings, both):
+    settings.LLM_FAILOVER_BASE_URL = "http://failover.example/v1" if both else ""
+    settings.LLM_FAILOVER_API_KEY = FAILOVER_KEY if both else ""
+
+    assert [m for m in run_checks() if m.id == "llm.W001"] == []
