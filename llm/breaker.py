@@ -7,7 +7,9 @@
 
 Connection failures are the faults in `llm.errors.CONNECTION_FAULTS` (refused, DNS,
 TLS, timeout, dropped, 502/503/504). Any answer, a 4xx or a 500 included, shows the
-host is reachable and counts as a success.
+host is reachable and breaks a streak of failures; but only the probe (or a call sent
+while every route was open) closes an open breaker: an answer to a call sent before it
+opened (a long completion) says nothing about new ones.
 
 A call reads only this process's view of the breakers: a dictionary lookup, without a
 thread hop or a round trip. The view changes at once with this process's own outcomes,
@@ -213,12 +215,19 @@ class Breakers:
         failed = error is not None and bool(getattr(error, "connection_level", False))
         if failed:
             self._failed(ticket, view)
-        elif ticket.probe or ticket.forced or view.failures or view.open_until:
+        elif ticket.probe or ticket.forced:
+            # Only a call sent after the breaker opened says the host is back: an answer
+            # to a call sent before (a long completion) closes nothing.
             with self._lock:
                 view.failures, view.open_until, view.probing = 0, 0.0, False
                 view.version += 1
             self._changed(ticket.base_url, view, "closed")
             self._publish(ticket.base_url, "closed")
+        elif view.failures and not view.open_until:
+            with self._lock:
+                view.failures = 0  # the streak is broken
+                view.version += 1
+            self._publish(ticket.base_url, "answered")
 
     def _failed(self, ticket: Ticket, view: _View) -> None:
         with self._lock:
@@ -347,6 +356,8 @@ class Breakers:
         failures_key, open_key, probe_key = _keys(base_url)
         if event == "closed":
             cache.delete_many([failures_key, open_key, probe_key])
+        elif event == "answered":
+            cache.delete(failures_key)
         elif event == "release":
             cache.delete(probe_key)
         else:

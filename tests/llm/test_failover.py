@@ -464,3 +464,45 @@ def test_a_failover_route_set_whole_or_not_at_all_passes(settings, both):
     settings.LLM_FAILOVER_API_KEY = FAILOVER_KEY if both else ""
 
     assert [m for m in run_checks() if m.id == "llm.W001"] == []
+
+
+def test_an_answer_to_a_call_sent_before_the_breaker_opened_does_not_close_it(
+    transactional_db, private_cache, credential_factory, alice, start_upstream, backup
+):
+    """Long completions are nearly always in flight: if their answers closed an open
+    breaker, a proxy whose gateway answers 502 to new calls would never be left alone."""
+    proxy = start_upstream()
+    fallback = credential_factory(title="Backup", base_url=backup.base_url)
+    primary = credential_factory(owner=alice, base_url=proxy.base_url, fallback=fallback)
+
+    async def scenario() -> tuple[list[str], str, list[str], int]:
+        proxy.respond(delay=1.0)
+        slow = [
+            asyncio.create_task(
+                services.achat(messages=MESSAGES, model="m", credential=primary, user=alice)
+            )
+            for _ in range(5)
+        ]
+        await asyncio.sleep(0.3)  # on their way
+        proxy.respond(status=502)  # the gateway now turns new calls away
+        for _ in range(3):
+            await services.achat(messages=MESSAGES, model="m", credential=primary, user=alice)
+        opened = breakers.state(proxy.base_url)
+        answered = [result.route.source for result in await asyncio.gather(*slow)]
+        after = len(proxy.requests)
+        later = []
+        for _ in range(3):
+            result = await services.achat(
+                messages=MESSAGES, model="m", credential=primary, user=alice
+            )
+            passed = result.route.failed_over_from
+            later.append(passed.reason if passed else result.route.source)
+        return answered, opened, later, len(proxy.requests) - after
+
+    answered, opened, later, knocks = async_to_sync(scenario)()
+
+    assert answered == ["credential"] * 5
+    assert opened == "open"
+    assert breakers.state(proxy.base_url) == "open"
+    assert later == ["circuit breaker open"] * 3
+    assert knocks == 0
