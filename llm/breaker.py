@@ -204,6 +204,8 @@ class Breakers:
     def done(self, ticket: Ticket, error: BaseException | None) -> None:
         """A call sent with `ticket` ended: answered (error None, or an LLMError that is
         not connection-level), failed to connect, or went away (cancelled)."""
+        if not self.enabled:
+            return
         view = self._views.get(ticket.base_url) or self._watch(ticket.base_url)
         if error is not None and not hasattr(error, "connection_level"):
             # Cancelled or a bug of ours: says nothing about the host.

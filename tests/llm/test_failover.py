@@ -506,3 +506,18 @@ def test_an_answer_to_a_call_sent_before_the_breaker_opened_does_not_close_it(
     assert breakers.state(proxy.base_url) == "open"
     assert later == ["circuit breaker open"] * 3
     assert knocks == 0
+
+
+def test_with_the_breaker_off_every_call_tries_the_proxy_and_nothing_says_open(
+    settings, credential_factory, alice, dead, caplog
+):
+    settings.LLM_BREAKER_FAILURES = 0
+    credential = credential_factory(owner=alice, base_url=dead.base_url)
+
+    for _ in range(5):
+        with pytest.raises(UpstreamError):
+            chat(credential, alice)
+
+    assert dead.attempts == 5
+    assert breakers.state(dead.base_url) == "closed"
+    assert "circuit breaker" not in caplog.text
