@@ -652,6 +652,11 @@ def summary(phases: dict[str, Phase]) -> bool:
             f"p99 {chat.percentile(0.99) * 1000:.0f}/{off.percentile(0.99) * 1000:.0f} ms, "
             f"CPU {chat.cpu_ms_per_request:.2f}/{off.cpu_ms_per_request:.2f} ms an answer"
         )
+    return verdict(checks)
+
+
+def verdict(checks: list[tuple[bool, str]]) -> bool:
+    """Print each target as ok or MISSED, then whether all were met (the benches' ending)."""
     for ok, text in checks:
         print(f"  {'ok    ' if ok else 'MISSED'} {text}")
     met = all(ok for ok, _ in checks)

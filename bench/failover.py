@@ -101,6 +101,7 @@ from concurrency import (  # noqa: E402 (after the project is on the path)
     spawn,
     stop,
     tail,
+    verdict,
     versions,
     wait_until,
 )
@@ -153,30 +154,12 @@ def site_ready(base: str, log: Path) -> bool:
     return log.read_text(errors="replace").count("Application startup complete") >= WORKERS
 
 
-class TimedDeadPort(DeadPort):
-    """tests.upstream.DeadPort that also notes when each knock came (perf_counter)."""
-
-    def __init__(self, port: int) -> None:
-        self.knocks: list[float] = []
-        super().__init__(port)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._socket.accept()
-            except OSError:
-                return  # closed
-            self.knocks.append(time.perf_counter())
-            self.attempts += 1
-            connection.close()
-
-
-def bind_dead_port(port: int) -> TimedDeadPort:
+def bind_dead_port(port: int) -> DeadPort:
     """The port P left; retried briefly, should the kernel not have released it yet."""
     deadline = time.monotonic() + 2
     while True:
         try:
-            return TimedDeadPort(port)
+            return DeadPort(port)
         except OSError:
             if time.monotonic() > deadline:
                 raise
@@ -221,7 +204,7 @@ class Upstreams:
     tmp: Path
     procs: list[subprocess.Popen[bytes]]  # every process started (stopped on the way out)
     primary: subprocess.Popen[bytes]
-    dead: TimedDeadPort | None = None
+    dead: DeadPort | None = None
 
 
 async def drive(
@@ -668,11 +651,7 @@ def summary(found: Findings, answers: int) -> bool:
         f"  breaker closed {found.closes_while_dead:.0f} times while P was dead"
         " (no target; expected 0)"
     )
-    for ok, text in checks:
-        print(f"  {'ok    ' if ok else 'MISSED'} {text}")
-    met = all(ok for ok, _ in checks)
-    print(f"  targets {'met' if met else 'NOT met'}")
-    return met
+    return verdict(checks)
 
 
 # ---- main ------------------------------------------------------------------------------

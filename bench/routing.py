@@ -36,6 +36,10 @@ from typing import Any
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(1, str(PROJECT / "bench"))  # its sibling scripts, as bench/failover.py does
+
+from concurrency import verdict  # noqa: E402 (after the path is set)
+
 KEY = "sk-test-fake-bench-routing-0001"
 
 
@@ -238,9 +242,7 @@ def run(args: argparse.Namespace, base_url: str) -> None:
     print(f"  usage records written by the buffer: {total} (last flush {written})")
 
     print("\nSummary:")
-    for ok, text in checks:
-        print(f"  {'ok    ' if ok else 'MISSED'} {text}")
-    print(f"  targets {'met' if all(ok for ok, _ in checks) else 'NOT met'}")
+    verdict(checks)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,13 @@ class Behaviour:
 
 class DeadPort:
     """A port where a proxy died: it accepts connections and closes them at once,
-    counting them, so a test can tell whether anything still knocks."""
+    noting when each came (`knocks`, perf_counter), so a test can tell whether anything
+    still knocks."""
 
     def __init__(self, port: int = 0) -> None:
         self._socket = socket.create_server(("127.0.0.1", port), backlog=128)
         self.port = int(self._socket.getsockname()[1])
-        self.attempts = 0
+        self.knocks: list[float] = []
         self._thread = threading.Thread(target=self._serve, name="dead-port", daemon=True)
         self._thread.start()
 
@@ -61,13 +62,17 @@ class DeadPort:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def attempts(self) -> int:
+        return len(self.knocks)
+
     def _serve(self) -> None:
         while True:
             try:
                 connection, _ = self._socket.accept()
             except OSError:
                 return  # closed
-            self.attempts += 1
+            self.knocks.append(time.perf_counter())
             connection.close()
 
     def close(self) -> None:
