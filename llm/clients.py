@@ -439,6 +439,7 @@ def translate(
             _upstream_detail(error, route),
             model=model,
             retry_after=_retry_after(error.response),
+            model_refused=_model_refused(error),
         )
     if isinstance(error, openai.APIResponseValidationError):
         return errors.malformed_answer(route)
@@ -466,6 +467,19 @@ def _upstream_detail(error: openai.APIStatusError, route: Route) -> str:
     if key:
         text = text.replace(key, "[key]")
     return " ".join(text.split())[:200]
+
+
+# How proxies say "this key may not use that model": LiteLLM 1.108 (403, its error
+# type), and the 401 wording of older LiteLLM releases.
+MODEL_REFUSALS = ("not available for this api key", "not allowed to access model")
+
+
+def _model_refused(error: openai.APIStatusError) -> bool:
+    if error.status_code not in (401, 403):
+        return False
+    if str(getattr(error, "type", "") or "") == "key_model_access_denied":
+        return True
+    return any(phrase in error.message.lower() for phrase in MODEL_REFUSALS)
 
 
 def _retry_after(response: httpx2.Response) -> float | None:

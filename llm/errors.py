@@ -69,10 +69,20 @@ class ProxyUnreachable(LLMError):
 
 
 class CredentialRejected(LLMError):
-    """The upstream answered 401 or 403 to this key."""
+    """The upstream answered 401 or 403 to this key.
 
-    status = 502
+    A 403 to the user: the request was understood, but this credential cannot make it
+    (never a 401, which would say the user's own session is the problem)."""
+
+    status = 403
     fault = "rejected"
+
+
+class ModelNotAllowed(CredentialRejected):
+    """The upstream knows the key, but the key may not use the model asked for
+    (LiteLLM's per-key model access)."""
+
+    fault = "model_not_allowed"
 
 
 class RateLimited(LLMError):
@@ -181,15 +191,28 @@ def answered(
     *,
     model: str | None = None,
     retry_after: float | None = None,
+    model_refused: bool = False,
 ) -> LLMError:
-    """The error for an upstream's answer with an error status; `detail` is its words."""
+    """The error for an upstream's answer with an error status; `detail` is its words.
+    `model_refused`: the answer says the key may not use `model`."""
     host, base = route.host, route.base_url
     said = f' It said: "{detail}"' if detail else ""
-    if status in (401, 403):
+    if status in (401, 403) and model_refused and model is not None:
+        return ModelNotAllowed(
+            f"The LLM proxy at {host} does not let {who(route)} use the model {model!r} "
+            f"({status}): its key may use other models only. Choose one that GET "
+            f"{base}/models lists for this key, or ask the proxy's admin to allow it.{said}"
+        )
+    if status == 401:
         return CredentialRejected(
-            f"The LLM proxy at {host} rejected the key of {who(route)} ({status}): the key "
-            "does not match the proxy's keys, or it may not use this model. Enter the right "
-            f"key in the admin.{said}"
+            f"The LLM proxy at {host} rejected the key of {who(route)} (401): the key does "
+            f"not match the proxy's keys. Enter the right key in the admin.{said}"
+        )
+    if status == 403:
+        return CredentialRejected(
+            f"The LLM proxy at {host} rejected the key of {who(route)} (403): the key is "
+            "not allowed to do this (a blocked or expired key, or a model or route it may "
+            f"not use). Check the key on the proxy, or enter another in the admin.{said}"
         )
     if status == 404 and model is None:
         # No model was asked for: the path is wrong (GET {base}/models), not a name.

@@ -17,6 +17,7 @@ the platform makes for itself pass `user=PLATFORM`, which skips the ownership ch
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -132,12 +133,18 @@ def _usage(raw: Any) -> Usage:
     return Usage(prompt, completion, total)
 
 
-def _cost(headers: Any) -> float | None:
-    value = headers.get("x-litellm-response-cost")
+def _cost(headers: Any, answer: Any = None) -> float | None:
+    """What the call cost, in USD, as LiteLLM reports it: the x-litellm-response-cost
+    header, else `usage.cost` in the answer (streamed answers carry only that, in their
+    last chunk, when stream_options.include_usage is set)."""
+    value = headers.get("x-litellm-response-cost") if headers is not None else None
+    if value in (None, "", "None"):
+        value = getattr(getattr(answer, "usage", None), "cost", None)
     try:
-        return float(value) if value not in (None, "", "None") else None
-    except ValueError:
+        cost = float(value) if value not in (None, "", "None") else None
+    except (TypeError, ValueError):
         return None
+    return cost if cost is not None and math.isfinite(cost) and cost >= 0 else None
 
 
 def _chat_result(raw: Any, route: Route) -> ChatResult:
@@ -146,7 +153,7 @@ def _chat_result(raw: Any, route: Route) -> ChatResult:
         text = completion.choices[0].message.content or ""
         model = str(completion.model or "")
         usage = _usage(completion)
-    return ChatResult(text, model, usage, _info(route), _cost(raw.headers))
+    return ChatResult(text, model, usage, _info(route), _cost(raw.headers, completion))
 
 
 def _embedding_result(raw: Any, route: Route) -> EmbeddingResult:
@@ -156,7 +163,7 @@ def _embedding_result(raw: Any, route: Route) -> EmbeddingResult:
         vectors = [list(map(float, row.embedding)) for row in rows]
         model = str(response.model or "")
         usage = _usage(response)
-    return EmbeddingResult(vectors, model, usage, _info(route), _cost(raw.headers))
+    return EmbeddingResult(vectors, model, usage, _info(route), _cost(raw.headers, response))
 
 
 class _StreamedAnswer:
@@ -172,6 +179,8 @@ class _StreamedAnswer:
         self.model = chunk.model or self.model
         if chunk.usage:
             self.usage = _usage(chunk)
+            if self.cost is None:
+                self.cost = _cost(None, chunk)
         piece = "".join(c.delta.content for c in chunk.choices if c.delta and c.delta.content)
         self.pieces.append(piece)
         return piece

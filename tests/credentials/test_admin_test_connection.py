@@ -46,8 +46,8 @@ def test_it_reports_each_failure_as_a_sentence(admin_client, credential_factory,
             f"for credential 'Down'. Is the proxy running? "
             f"Try: curl http://127.0.0.1:{port}/health/liveliness",
             f"Rejected: The LLM proxy at 127.0.0.1:{upstream.port} rejected the key of credential "
-            "'Rejected' (401): the key does not match the proxy's keys, or it may not use this "
-            'model. Enter the right key in the admin. It said: "bad key [key]"',
+            "'Rejected' (401): the key does not match the proxy's keys. Enter the right key in "
+            'the admin. It said: "bad key [key]"',
         ]
     )
     assert FAKE_KEY not in page

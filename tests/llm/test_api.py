@@ -463,7 +463,7 @@ def test_a_closed_port_answers_502_connection_refused(api, credential_factory, a
     [
         pytest.param(
             {"status": 401, "body": {"error": {"message": f"bad key {FAKE_KEY}"}}},
-            502,
+            403,
             "CredentialRejected",
             id="401",
         ),

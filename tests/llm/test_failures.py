@@ -25,6 +25,7 @@ from llm.errors import (
     CredentialRejected,
     CredentialUnavailable,
     LLMError,
+    ModelNotAllowed,
     ModelNotFound,
     ProxyUnreachable,
     RateLimited,
@@ -106,14 +107,38 @@ SCRIPTED: dict[str, tuple[dict[str, Any], type[LLMError], int, list[str]]] = {
     "401": (
         {"status": 401, "body": {"error": {"message": "invalid api key"}}},
         CredentialRejected,
-        502,
+        403,
         [WHO, "rejected the key", "(401)", "the key does not match", "invalid api key"],
     ),
     "403": (
         {"status": 403, "body": {"error": {"message": "key not allowed"}}},
         CredentialRejected,
-        502,
-        [WHO, "rejected the key", "(403)", "the key does not match", "key not allowed"],
+        403,
+        [WHO, "rejected the key", "(403)", "not allowed to do this", "key not allowed"],
+    ),
+    "403, model not for this key": (
+        {
+            "status": 403,
+            "body": {"error": {"message": "not for you", "type": "key_model_access_denied"}},
+        },
+        ModelNotAllowed,
+        403,
+        [WHO, "does not let", "use the model 'gpt-nope' (403)", "/models lists", "not for you"],
+    ),
+    "401, model not for this key (older LiteLLM)": (
+        {
+            "status": 401,
+            "body": {
+                "error": {
+                    "message": "key not allowed to access model. This key can only access "
+                    "models=['gpt-4o']. Tried to access gpt-nope",
+                    "type": "auth_error",
+                }
+            },
+        },
+        ModelNotAllowed,
+        403,
+        [WHO, "does not let", "use the model 'gpt-nope' (401)"],
     ),
     "404": (
         {"status": 404, "body": {"error": {"message": "model gpt-nope not found"}}},
