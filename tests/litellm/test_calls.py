@@ -222,3 +222,31 @@ def test_a_call_through_the_proxy_with_the_async_service(proxy, credential_facto
     assert result.usage.total_tokens > 0
     record = UsageRecord.objects.get()
     assert (record.outcome, record.total_tokens) == ("ok", result.usage.total_tokens)
+
+
+def test_a_streamed_answer_through_any_proxy_is_whole_and_recorded(
+    proxy, credential_factory, alice
+):
+    """Against any proxy (LITELLM_PROXY_URL too): the pieces make the answer, and the
+    record has the tokens the answer reported."""
+    credential = credential_factory(
+        title="Proxy key", owner=alice, api_key=proxy.key, base_url=proxy.base_url
+    )
+    body = {
+        "credential": str(credential.pk),
+        "model": proxy.model,
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": 16,
+    }
+
+    response, content = stream(alice, "/api/llm/chat", body)
+
+    assert response.status_code == 200
+    got = events(content)
+    name, done = got[-1]
+    assert name == "done"
+    assert "".join(data["delta"] for name, data in got if name == "message") == done["text"]
+    record = UsageRecord.objects.get()
+    assert record.outcome == "ok"
+    assert record.total_tokens == done["usage"]["total_tokens"] > 0

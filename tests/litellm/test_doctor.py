@@ -10,24 +10,26 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.litellm.proxy import KEY_B, MASTER_KEY, UPSTREAM_KEY
+from tests.litellm.proxy import CHAT_MODEL, KEY_A, KEY_B, MASTER_KEY, MOCK_MODEL, UPSTREAM_KEY
 
 UNKNOWN_KEY = "sk-test-fake-virtual-unknown-5555"
 
 pytestmark = pytest.mark.django_db
 
 
-def doctor(credential, *, fails: bool, secrets: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+def doctor(
+    credential, *args: str, fails: bool, secrets: tuple[str, ...]
+) -> tuple[str, dict[str, Any]]:
     """The table and the JSON finding for one credential; no key anywhere in either."""
     outputs = []
     for extra in ((), ("--json",)):
         out = io.StringIO()
-        args = ("check_llm_routes", "--credential", str(credential.pk), *extra)
+        command = ("check_llm_routes", "--credential", str(credential.pk), *args, *extra)
         if fails:
             with pytest.raises(CommandError):
-                call_command(*args, stdout=out, stderr=out)
+                call_command(*command, stdout=out, stderr=out)
         else:
-            call_command(*args, stdout=out, stderr=out)
+            call_command(*command, stdout=out, stderr=out)
         outputs.append(out.getvalue())
     table, raw = outputs
     for key in (*secrets, MASTER_KEY, UPSTREAM_KEY):
@@ -100,4 +102,34 @@ def test_a_doubled_v1_gets_the_v1_hint_naming_the_url_that_works(proxy, credenti
         f"The base URL ends in /v1/v1: /v1 is doubled (GET {doubled}/models answered 404). "
         f"It works as {proxy.base_url}: set the credential's base URL to {proxy.base_url} in "
         "the admin (and enter its key again)."
+    )
+
+
+def test_a_path_the_proxy_does_not_serve_asks_whether_it_is_a_proxy(proxy, credential_factory):
+    # As when a gateway serves the proxy under a prefix and the base URL leaves it out.
+    wrong = f"{proxy.root}/api"
+    credential = credential_factory(title="Team", api_key=proxy.key, base_url=wrong)
+
+    _, finding = doctor(credential, fails=True, secrets=(proxy.key,))
+
+    assert (finding["fault"], finding["reachable"]) == ("not_found", True)
+    host = proxy.root.removeprefix("http://")
+    assert finding["hint"] == (
+        f"GET {wrong}/models answered 404, and so does {wrong}/v1/models: is {host} an "
+        "OpenAI-compatible proxy? Correct the credential's base URL in the admin."
+    )
+
+
+def test_a_model_the_key_may_not_use_is_not_listed(proxy, credential_factory):
+    proxy.require_own("key A, which may use only the mock model")
+    credential = credential_factory(title="Team A", api_key=KEY_A, base_url=proxy.base_url)
+
+    _, finding = doctor(credential, "--model", CHAT_MODEL, fails=True, secrets=(KEY_A,))
+
+    assert (finding["fault"], finding["key_accepted"]) == ("model_missing", True)
+    assert finding["models"] == [MOCK_MODEL]
+    assert finding["hint"] == (
+        f"The model '{CHAT_MODEL}' is not among the 1 model(s) this key may use at "
+        f"{proxy.root.removeprefix('http://')} ({MOCK_MODEL}): check the name, or add the "
+        "model to the proxy's config."
     )
