@@ -250,6 +250,19 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _no_redirects = urllib.request.build_opener(_NoRedirect)
 
 
+def listening(process: subprocess.Popen[str], port: int, *, seconds: float) -> bool:
+    """Wait until `process` listens on 127.0.0.1:`port`: False if it exits or the time
+    is up first."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
 @pytest.fixture
 def start_site(transactional_db: None) -> Iterator[Callable[..., Site]]:
     """Start the site under uvicorn (ASGI, as in production) as often as a test needs;
@@ -278,16 +291,10 @@ def start_site(transactional_db: None) -> Iterator[Callable[..., Site]]:
         )
         site = Site(f"http://127.0.0.1:{port}", process)
         sites.append(site)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return site
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    pytest.fail(f"uvicorn did not start: {process.communicate()[1]}")
-                time.sleep(0.1)
+        if listening(process, port, seconds=30):
+            return site
+        process.kill()
+        pytest.fail(f"uvicorn did not start: {process.communicate()[1]}")
 
     yield start
     for site in sites:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from tests.conftest import (
     TEST_REDIS_URL,
     Site,
     database_url,
+    listening,
     run_manage,
     run_python,
     signed_in,
@@ -309,16 +309,10 @@ def start_workers(transactional_db: None) -> Iterator[Callable[..., Site]]:
             start_new_session=True,
         )
         started.append(process)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return Site(f"http://127.0.0.1:{port}", process)
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    pytest.fail(f"uvicorn did not start: {process.communicate()[1]}")
-                time.sleep(0.1)
+        if listening(process, port, seconds=30):
+            return Site(f"http://127.0.0.1:{port}", process)
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"uvicorn did not start: {process.communicate()[1]}")
 
     yield start
     for process in started:
