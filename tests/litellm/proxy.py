@@ -58,19 +58,19 @@ class ProxyInstallFailed(RuntimeError):
     """pip could not build the proxy's environment; the message holds pip's output."""
 
 
-def _cache_dir() -> Path:
+def _cache_dir(pins: Path) -> Path:
     chosen = os.environ.get("KEYROUTE_LITELLM_VENV")
     if chosen:
         return Path(chosen)
-    digest = hashlib.sha256(PINS.read_bytes() + sys.version.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(pins.read_bytes() + sys.version.encode()).hexdigest()[:12]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "keyroute" / f"litellm-{digest}"
 
 
-def proxy_python() -> Path:
+def proxy_python(pins: Path = PINS) -> Path:
     """The Python of the proxy's environment, built first if need be. Several processes
     (pytest-xdist workers) may ask at once: one builds, the others wait for it."""
-    venv = _cache_dir()
+    venv = _cache_dir(pins)
     python = venv / "bin" / "python"
     done = venv / ".complete"
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def proxy_python() -> Path:
             return python
         shutil.rmtree(venv, ignore_errors=True)  # half built by a run that was killed
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-        steps = [[sys.executable, "-m", "venv", str(venv)], [*pip, "-r", str(PINS)]]
+        steps = [[sys.executable, "-m", "venv", str(venv)], [*pip, "-r", str(pins)]]
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True, check=False)
             if result.returncode:
@@ -89,7 +89,7 @@ def proxy_python() -> Path:
                     f"Installing the LiteLLM proxy into {venv} failed "
                     f"({' '.join(step[:3])}... exited {result.returncode}):\n{output[-6000:]}"
                 )
-        done.write_text(PINS.read_text())
+        done.write_text(pins.read_text())
     return python
 
 
