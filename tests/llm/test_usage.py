@@ -122,6 +122,19 @@ def test_a_chat_without_a_cost_header_records_no_cost(credential_factory, upstre
     assert_record(the_record(), cost_usd=None, outcome="ok", **HELLO_TOKENS)
 
 
+@pytest.mark.parametrize("header", ["nan", "inf", "-0.5", "free", "1e999"])
+def test_a_cost_header_that_is_not_a_price_records_no_cost(
+    credential_factory, start_upstream, alice, header
+):
+    odd = start_upstream(cost=header)
+    credential = credential_factory(owner=alice, base_url=odd.base_url)
+
+    result = services.chat(messages=HELLO, model=MODEL, credential=credential, user=alice)
+
+    assert result.cost_usd is None
+    assert_record(the_record(), cost_usd=None, outcome="ok", **HELLO_TOKENS)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_embeddings_through_the_internal_default_are_recorded(global_route, alice, mode):
     texts = ["one two", "three"]
