@@ -53,6 +53,7 @@ class ClientOptions:
     connect_timeout: float
     max_retries: int
     trust_env: bool
+    keepalive: float = 4.0
     timeout_setting: str = "LLM_TIMEOUT_SECONDS"  # named when a call runs out of time
 
     @classmethod
@@ -62,6 +63,7 @@ class ClientOptions:
             connect_timeout=settings.LLM_CONNECT_TIMEOUT_SECONDS,
             max_retries=settings.LLM_MAX_RETRIES,
             trust_env=settings.LLM_TRUST_ENV_PROXY,
+            keepalive=settings.LLM_KEEPALIVE_SECONDS,
         )
 
     @classmethod
@@ -73,6 +75,7 @@ class ClientOptions:
             connect_timeout=min(settings.LLM_CONNECT_TIMEOUT_SECONDS, timeout),
             max_retries=0,
             trust_env=settings.LLM_TRUST_ENV_PROXY,
+            keepalive=settings.LLM_KEEPALIVE_SECONDS,
             timeout_setting="LLM_PROBE_TIMEOUT_SECONDS",
         )
 
@@ -258,6 +261,13 @@ def _http_options(options: ClientOptions) -> dict[str, Any]:
         "timeout": options.httpx_timeout(),
         "follow_redirects": False,
         "trust_env": options.trust_env,
+        # The SDK's pool sizes, and idle connections dropped before a proxy drops them:
+        # both transports (httpx2's and aiohttp's) read keepalive_expiry.
+        "limits": httpx2.Limits(
+            max_connections=1000,
+            max_keepalive_connections=100,
+            keepalive_expiry=options.keepalive,
+        ),
     }
 
 

@@ -193,6 +193,9 @@ LLM_ALLOWED_BASE_URL_HOSTS = [host.lower() for host in _list("LLM_ALLOWED_BASE_U
 LLM_TIMEOUT_SECONDS = _number("LLM_TIMEOUT_SECONDS", 60)
 LLM_CONNECT_TIMEOUT_SECONDS = _number("LLM_CONNECT_TIMEOUT_SECONDS", 5)
 LLM_MAX_RETRIES = int(_number("LLM_MAX_RETRIES", 2, integer=True))
+# Below the proxy's own keep-alive (LiteLLM's uvicorn: 5 s), so that a connection is never
+# reused just as the proxy closes it.
+LLM_KEEPALIVE_SECONDS = _number("LLM_KEEPALIVE_SECONDS", 4)
 LLM_TRUST_ENV_PROXY = _bool("LLM_TRUST_ENV_PROXY", False)
 LLM_USAGE_FLUSH_SECONDS = _number("LLM_USAGE_FLUSH_SECONDS", 2.0)
 LLM_USAGE_BUFFER_SIZE = max(1, int(_number("LLM_USAGE_BUFFER_SIZE", 20000, integer=True)))

@@ -7,6 +7,7 @@ many connections the server sees, whether an old client's connections were close
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import ssl
@@ -384,3 +385,37 @@ def test_it_builds_one_shared_ssl_context():
     assert isinstance(context, ssl.SSLContext)
     assert shared_ssl_context() is context
     assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+# ---- keep-alive -----------------------------------------------------------------------
+
+
+def sync_calls(pauses, messages):
+    for pause in pauses:
+        time.sleep(pause)
+        chat(messages=messages, model="gpt-test-mini", user=PLATFORM)
+
+
+def async_calls(pauses, messages):
+    async def calls() -> None:
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            await achat(messages=messages, model="gpt-test-mini", user=PLATFORM)
+
+    async_to_sync(calls)()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("calls", [sync_calls, async_calls], ids=["sync", "async"])
+def test_an_idle_connection_is_dropped_before_the_proxy_would_drop_it(
+    settings, global_route, calls
+):
+    """A connection idle for longer than LLM_KEEPALIVE_SECONDS is not reused: the next
+    call opens a new one, rather than writing to one the proxy may be closing."""
+    settings.LLM_KEEPALIVE_SECONDS = 0.5
+
+    calls([0, 0.1, 1.0], [{"role": "user", "content": "hi"}])
+
+    first, soon_after, after_a_pause = (request.peer for request in global_route.requests)
+    assert soon_after == first  # reused while fresh
+    assert after_a_pause != first  # a new connection once idle past the keep-alive
