@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,25 +142,34 @@ def main() -> None:
             proc.wait(10)
 
 
-def run(args: argparse.Namespace, base_url: str) -> None:
-    import openai
-    from django.conf import settings
-
+def credential_loader(*, title: str, api_key: str, base_url: str) -> Callable[[], Any]:
+    """Save a credential; return a function that builds a fresh instance of it per call,
+    as a query does (the key still encrypted), without the query."""
     from credentials.fields import EncryptedSecret
-    from credentials.models import PLATFORM, APIKeyCredentials
-    from llm import services, usage
-    from llm.models import UsageRecord
+    from credentials.models import APIKeyCredentials
 
-    credential = APIKeyCredentials(title="Bench", api_key=KEY, base_url=base_url)
+    credential = APIKeyCredentials(title=title, api_key=api_key, base_url=base_url)
     credential.full_clean()
     credential.save()
     names = [f.attname for f in APIKeyCredentials._meta.concrete_fields]
     row = APIKeyCredentials.objects.values_list(*names).get(pk=credential.pk)
 
     def load() -> APIKeyCredentials:
-        """A fresh instance, as a query builds it: the key still encrypted."""
         values = [EncryptedSecret(v.token) if isinstance(v, EncryptedSecret) else v for v in row]
         return APIKeyCredentials.from_db("default", names, values)
+
+    return load
+
+
+def run(args: argparse.Namespace, base_url: str) -> None:
+    import openai
+    from django.conf import settings
+
+    from credentials.models import PLATFORM
+    from llm import services, usage
+    from llm.models import UsageRecord
+
+    load = credential_loader(title="Bench", api_key=KEY, base_url=base_url)
 
     messages = [{"role": "user", "content": "ping"}]
     reused = openai.OpenAI(api_key=KEY, base_url=base_url, max_retries=0)
