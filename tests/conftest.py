@@ -54,6 +54,22 @@ def _fresh_breakers() -> Iterator[None]:
 
 
 @pytest.fixture
+def alice(django_user_model: Any) -> Any:
+    """A signed-up user; tests that need an owner other than the admin use her."""
+    return django_user_model.objects.create_user("alice")
+
+
+@pytest.fixture
+def api(alice: Any) -> Any:
+    """Alice's signed-in client; a 500 is answered as a page, not raised, so tests see it."""
+    from django.test import Client
+
+    client = Client(raise_request_exception=False)
+    client.force_login(alice)
+    return client
+
+
+@pytest.fixture
 def credential_factory(db: None) -> Callable[..., APIKeyCredentials]:
     def make(**fields: Any) -> APIKeyCredentials:
         fields.setdefault("title", f"Credential {APIKeyCredentials.objects.count() + 1}")

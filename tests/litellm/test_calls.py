@@ -12,7 +12,6 @@ from decimal import Decimal
 
 import pytest
 from asgiref.sync import async_to_sync
-from django.test import Client
 
 from llm import services
 from llm.errors import CredentialRejected, ModelNotAllowed
@@ -28,27 +27,11 @@ from tests.litellm.proxy import (
     MOCK_MODEL,
     UPSTREAM_KEY,
 )
-from tests.llm.test_api import events, stream
+from tests.llm.test_api import events, post_json, stream
 
 MESSAGES = [{"role": "user", "content": "one two three four"}]
 UNKNOWN_KEY = "sk-test-fake-virtual-unknown-4444"
 VIRTUAL_KEYS = (KEY_A, KEY_B, KEY_INTERNAL, UNKNOWN_KEY)
-
-
-@pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice")
-
-
-@pytest.fixture
-def api(alice):
-    client = Client(raise_request_exception=False)
-    client.force_login(alice)
-    return client
-
-
-def post(client, url, body):
-    return client.post(url, data=json.dumps(body), content_type="application/json")
 
 
 def no_virtual_key_in(text: str) -> None:
@@ -93,7 +76,7 @@ def test_a_key_asking_for_a_model_it_may_not_use_gets_the_proxys_refusal(
 
     with pytest.raises(ModelNotAllowed) as refused:
         services.chat(messages=MESSAGES, model=CHAT_MODEL, credential=team_a, user=alice)
-    response = post(
+    response = post_json(
         api,
         "/api/llm/chat",
         {"credential": str(team_a.pk), "model": CHAT_MODEL, "messages": MESSAGES},
@@ -119,7 +102,7 @@ def test_an_unknown_virtual_key_is_rejected_naming_the_credential(
 
     with pytest.raises(CredentialRejected) as rejected:
         services.chat(messages=MESSAGES, model=proxy.model, credential=stranger, user=alice)
-    response = post(
+    response = post_json(
         api,
         "/api/llm/chat",
         {"credential": str(stranger.pk), "model": proxy.model, "messages": MESSAGES},
@@ -163,7 +146,7 @@ def test_a_forwarded_call_is_recorded_with_the_proxys_cost_and_the_tokens(
     proxy.require_own("the priced forwarded model")
     team_b = credential_factory(title="Team B", owner=alice, api_key=KEY_B, base_url=proxy.base_url)
 
-    response = post(
+    response = post_json(
         api,
         "/api/llm/chat",
         {"credential": str(team_b.pk), "model": CHAT_MODEL, "messages": MESSAGES},

@@ -1,14 +1,9 @@
-"""Fixtures the LLM tests share: alice, and her credential on an upstream that reports
+"""Fixtures the LLM tests share: alice's credential on an upstream that reports
 a cost (x-litellm-response-cost: 0.0042)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice")
 
 
 @pytest.fixture

@@ -105,14 +105,6 @@ def form_state(html: str) -> Form:
 # ---- fixtures --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def api(alice):
-    """Alice's client; a 500 is answered as a page, not raised, so tests can see it."""
-    client = Client(raise_request_exception=False)
-    client.force_login(alice)
-    return client
-
-
 def chat_body(credential=None, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"model": MODEL, "messages": HELLO, **extra}
     if credential is not None:

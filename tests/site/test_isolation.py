@@ -39,11 +39,6 @@ def admin_user(django_user_model):
 
 
 @pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice")
-
-
-@pytest.fixture
 def fast(start_upstream):
     return start_upstream()
 

@@ -81,11 +81,6 @@ def host_of(upstream: Upstream) -> str:
 
 
 @pytest.fixture
-def alice(django_user_model):
-    return django_user_model.objects.create_user("alice")
-
-
-@pytest.fixture
 def costly(start_upstream):
     return start_upstream(cost=COST)
 
@@ -93,13 +88,6 @@ def costly(start_upstream):
 @pytest.fixture
 def credential(credential_factory, alice, costly):
     return credential_factory(title=TITLE, owner=alice, base_url=costly.base_url)
-
-
-@pytest.fixture
-def api(alice):
-    client = Client(raise_request_exception=False)
-    client.force_login(alice)
-    return client
 
 
 # ---- who may read it -------------------------------------------------------------------
