@@ -158,6 +158,12 @@ USAGE_RECORDS_DROPPED = Counter(
     "keyroute_usage_records_dropped",
     "Usage records dropped, oldest first, because the buffer was full (LLM_USAGE_BUFFER_SIZE).",
 )
+USAGE_RECORDS_UNSTORABLE = Counter(
+    "keyroute_usage_records_unstorable",
+    "Usage records dropped because the database refused them, by the error's class "
+    "(the rest of their batch was written; the log says which record and why).",
+    ["reason"],
+)
 
 BREAKER_LEVELS = {"closed": 0, "half-open": 1, "open": 2}
 
@@ -268,6 +274,14 @@ def usage_buffer(*, depth: int, dropped: int = 0) -> None:
             USAGE_RECORDS_DROPPED.inc(dropped)
     except Exception:
         _failed("usage_buffer")
+
+
+def usage_unstorable(*, reason: str) -> None:
+    """A usage record was dropped: the database refused it with an error of class `reason`."""
+    try:
+        USAGE_RECORDS_UNSTORABLE.labels(reason).inc()
+    except Exception:
+        _failed("usage_unstorable")
 
 
 # ---- dead workers ----------------------------------------------------------------------

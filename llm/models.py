@@ -8,13 +8,27 @@ from llm.routes import PURPOSES
 
 
 class UsageRecord(models.Model):
-    """One call through llm.services, successful or not. Holds no key and no prompt."""
+    """One call through llm.services, successful or not. Holds no key and no prompt.
+
+    Usage outlives what it names, and nothing it names can make it unstorable:
+    - `credential` and `serving_credential` keep the credential's id after it is
+      deleted (no database constraint, DO_NOTHING), and `credential_title` and
+      `serving_credential_title` keep its title as it was at the call. A record buffered
+      for a credential an admin deletes before the flush is written all the same; the
+      admin shows it as "Title (deleted)". Read the ids (`credential_id`), never
+      `record.credential`, which raises for a deleted credential.
+    - `user` has no database constraint either. Deleting a user empties the user of
+      their records (SET_NULL, as before); the flush empties it too in records buffered
+      for a user deleted before it (llm.usage.write), so a record for a deleted user is
+      written without one instead of failing.
+    """
 
     credential = models.ForeignKey(
         "credentials.APIKeyCredentials",
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
         related_name="usage_records",
     )
     # The credential whose account paid: the chosen one, or after a failover the
@@ -23,15 +37,23 @@ class UsageRecord(models.Model):
         "credentials.APIKeyCredentials",
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
         related_name="served_usage_records",
         verbose_name="served by",
+    )
+    # db_default: a worker still running the code of before (a rolling deploy) writes
+    # records without these columns.
+    credential_title = models.CharField(max_length=200, blank=True, default="", db_default="")
+    serving_credential_title = models.CharField(
+        "served by (title)", max_length=200, blank=True, default="", db_default=""
     )
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
+        db_constraint=False,
         related_name="llm_usage_records",
     )
     purpose = models.CharField(max_length=20, choices=[(p, p) for p in PURPOSES])

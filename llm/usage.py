@@ -8,6 +8,17 @@ keeps its records for the next flush; when LLM_USAGE_BUFFER_SIZE records are wai
 the oldest are dropped and counted in a warning. With LLM_USAGE_FLUSH_SECONDS=0 every
 record is written as its call ends (in the caller's thread).
 
+Records never block each other. Their text is made storable when they are buffered
+(`as_row`: what a user sent as a model name may hold NULs or lone surrogates); a batch
+the database still refuses is split in halves, each written in a transaction of its
+own, until the record it refuses is alone: that one is dropped, logged with the
+database's reason and counted (keyroute_usage_records_unstorable_total), and the others
+are written (`store`). Only errors of the database itself (OperationalError,
+InterfaceError: down, unreachable, connection lost; ProgrammingError: a missing table or
+column, or no permission, as while a deploy waits for its migration) keep the whole
+batch for the next flush. Deleting a credential or a user cannot make a record
+unstorable (llm.models).
+
 Reports over the records (the admin's totals and chart) live in llm.reports.
 """
 
@@ -26,7 +37,15 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections, router, transaction
+from django.contrib.auth import get_user_model
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    connections,
+    router,
+    transaction,
+)
 from django.db.models import Q
 from django.utils import timezone
 
@@ -37,6 +56,19 @@ from platform_site.signals import worker_stopping
 
 log = logging.getLogger(__name__)
 
+Row = tuple[Any, ...]
+
+# The database failed, not a record: the records wait for the next flush.
+UNAVAILABLE = (OperationalError, InterfaceError, ProgrammingError)
+
+
+class Unwritten(Exception):
+    """The database failed (`error`): `rows` were not written, `written` were."""
+
+    def __init__(self, error: Exception, rows: list[Row], written: int) -> None:
+        super().__init__(f"{len(rows)} usage records not written: {error}")
+        self.error, self.rows, self.written = error, rows, written
+
 
 class UsageBuffer:
     """Records (as field dicts) waiting to be written; bounded, thread-safe."""
@@ -45,7 +77,7 @@ class UsageBuffer:
         self.maxsize = maxsize
         self.interval = interval
         self.dropped = 0
-        self._records: deque[tuple[Any, ...]] = deque()
+        self._records: deque[Row] = deque()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -76,16 +108,20 @@ class UsageBuffer:
             metrics.usage_buffer(depth=0)
             if dropped:
                 log.warning("Usage buffer full: %d usage records were dropped.", dropped)
-            if records:
-                try:
-                    write(records)
-                except Exception:
-                    log.exception("Could not write %d usage records; will retry.", len(records))
-                    self._requeue(records)
-                    return 0
-            return len(records)
+            if not records:
+                return 0
+            try:
+                return store(records)
+            except Unwritten as unwritten:
+                log.error(
+                    "Could not write %d usage records; will retry.",
+                    len(unwritten.rows),
+                    exc_info=unwritten.error,
+                )
+                self._requeue(unwritten.rows)
+                return unwritten.written
 
-    def _requeue(self, records: list[tuple[Any, ...]]) -> None:
+    def _requeue(self, records: list[Row]) -> None:
         """Put unwritten records back in front of newer ones, within the bound."""
         with self._lock:
             self._records.extendleft(reversed(records))
@@ -103,10 +139,14 @@ class UsageBuffer:
     def _run(self) -> None:
         while True:
             time.sleep(self.interval)
-            self.flush()
-            # Once a second is no reason to keep a connection open (or hold a test
-            # database that is about to be dropped).
-            connections.close_all()
+            try:
+                self.flush()
+                # Once a second is no reason to keep a connection open (or hold a test
+                # database that is about to be dropped).
+                connections.close_all()
+            except Exception:
+                # The flusher must outlive any failure, or every later record waits forever.
+                log.exception("The usage flusher failed; it tries again in %s s.", self.interval)
 
 
 @cache
@@ -114,25 +154,110 @@ def _fields() -> list[Any]:
     return [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
 
 
-def as_row(fields: dict[str, Any]) -> tuple[Any, ...]:
-    """A record as a tuple in column order, of values the garbage collector ignores.
+@cache
+def _columns() -> tuple[tuple[str, Any, int | None], ...]:
+    """(attname, field, max_length of a text column or None) in column order."""
+    return tuple((field.attname, field, getattr(field, "max_length", None)) for field in _fields())
+
+
+def as_row(fields: dict[str, Any]) -> Row:
+    """A record as a tuple in column order, of values the garbage collector ignores and
+    text both databases can store.
 
     A thousand buffered dicts (or UUIDs) would be walked by every collection until the
     flush; tuples of strings, numbers, datetimes and decimals are untracked.
     """
     return tuple(
-        _plain(fields[field.attname]) if field.attname in fields else field.get_default()
-        for field in _fields()
+        _plain(fields[name], max_length) if name in fields else field.get_default()
+        for name, field, max_length in _columns()
     )
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, max_length: int | None) -> Any:
     # Credential ids as hex strings: what both drivers take, and untracked by the GC.
-    return value.hex if isinstance(value, uuid.UUID) else value
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if max_length is not None and isinstance(value, str):
+        return storable_text(value, max_length)
+    return value
 
 
-def write(rows: list[tuple[Any, ...]]) -> None:
+def storable_text(text: str, max_length: int) -> str:
+    """`text` as SQLite and PostgreSQL alike can store it in a column of `max_length`.
+
+    Lone UTF-16 surrogates (which no driver can encode) become U+FFFD, while a pair
+    becomes the character it stands for; NULs (which PostgreSQL refuses in text) go;
+    what is longer than the column is cut (PostgreSQL refuses it, SQLite would keep it).
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text[:max_length]
+
+
+def store(rows: list[Row]) -> int:
+    """Write `rows`, dropping only those the database refuses; returns how many were written.
+
+    A refused batch is split in halves, each tried in a transaction of its own (after
+    an error, PostgreSQL refuses everything else in the same transaction), down to the
+    refused record alone, which is dropped (`_drop`): one bad record among n costs about
+    2 log2(n) tries. When the database itself fails (UNAVAILABLE), raises `Unwritten`
+    with the rows not yet written, in their order.
+    """
+    pending = [rows]  # a stack: the next batch to try is last
+    written = 0
+    while pending:
+        batch = pending.pop()
+        try:
+            write(batch)
+        except UNAVAILABLE as error:
+            unwritten = [row for part in [batch, *reversed(pending)] for row in part]
+            raise Unwritten(error, unwritten, written) from error
+        except Exception as error:
+            if len(batch) == 1:
+                _drop(batch[0], error)
+            else:
+                half = len(batch) // 2
+                pending += [batch[half:], batch[:half]]
+        else:
+            written += len(batch)
+    return written
+
+
+def _drop(row: Row, error: Exception) -> None:
+    """Log and count a record the database refused. A record holds no key and no prompt."""
+    reason = type(error).__name__
+    described = ", ".join(
+        f"{name}={_shown(value)}"
+        for (name, _, _), value in zip(_columns(), row, strict=True)
+        if value not in (None, "")
+    )
+    log.error(
+        "A usage record was dropped: the database refused it (%s: %s). The other records "
+        "were written. The record: %s.",
+        reason,
+        _shown(str(error).strip(), quote=False),
+        described,
+    )
+    metrics.usage_unstorable(reason=reason)
+
+
+def _shown(value: Any, *, quote: bool = True, limit: int = 300) -> str:
+    """`value` on one line of printable text, at most `limit` characters."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    shown = repr(value) if quote else value.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def write(rows: list[Row]) -> None:
     """Insert the rows and bring `last_used_at` forward, in one transaction.
+
+    Users deleted since their records were buffered are left out of the records (as
+    deleting a user does to the records already written): the column has no database
+    constraint, so a user deleted between this check and the insert leaves an id that
+    names nobody, which the admin shows as deleted, instead of a record that fails.
 
     One executemany for many rows: a twentieth of what bulk_create costs per row.
 
@@ -151,6 +276,9 @@ def write(rows: list[tuple[Any, ...]]) -> None:
         at = [f.attname for f in fields].index("created_at")
         adapt = connection.ops.adapt_datetimefield_value
         params = [(*row[:at], adapt(row[at]), *row[at + 1 :]) for row in rows]
+    # Read before the transaction: on SQLite, a transaction that reads and then writes
+    # fails at once ("database is locked") when another process wrote in between.
+    params = _without_deleted_users(params, connection.alias)
     with transaction.atomic(using=connection.alias):
         with connection.cursor() as cursor:
             # Quoted names from the model; the values go as parameters.
@@ -161,7 +289,23 @@ def write(rows: list[tuple[Any, ...]]) -> None:
             ).update(last_used_at=used_at)
 
 
-def _last_uses(rows: list[tuple[Any, ...]]) -> dict[str, datetime]:
+def _without_deleted_users(rows: list[Row], alias: str) -> list[Row]:
+    """`rows` with the users that no longer exist left out."""
+    at = [f.attname for f in _fields()].index("user_id")
+    users = {row[at] for row in rows if row[at] is not None}
+    if not users:
+        return rows
+    existing = get_user_model()._default_manager.using(alias).filter(pk__in=users)
+    found = set(existing.values_list("pk", flat=True))
+    if found == users:
+        return rows
+    return [
+        row if row[at] is None or row[at] in found else (*row[:at], None, *row[at + 1 :])
+        for row in rows
+    ]
+
+
+def _last_uses(rows: list[Row]) -> dict[str, datetime]:
     """The latest successful call of each credential among `rows`."""
     names = [f.attname for f in _fields()]
     at, credential, outcome = (names.index(n) for n in ("created_at", "credential_id", "outcome"))
@@ -190,7 +334,7 @@ def record(**fields: Any) -> None:
     if _buffered():
         _buffer.add(fields)
     else:
-        write([as_row(fields)])
+        _store_now(as_row(fields))
 
 
 async def arecord(**fields: Any) -> None:
@@ -199,7 +343,15 @@ async def arecord(**fields: Any) -> None:
     if _buffered():
         _buffer.add(fields)
     else:
-        await sync_to_async(write)([as_row(fields)])
+        await sync_to_async(_store_now)(as_row(fields))
+
+
+def _store_now(row: Row) -> None:
+    """Without the buffer: a record refused is dropped; the database's failure is raised."""
+    try:
+        store([row])
+    except Unwritten as unwritten:
+        raise unwritten.error from None
 
 
 def flush() -> int:
