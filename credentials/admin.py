@@ -8,6 +8,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
+from django.contrib.auth import get_permission_codename
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
@@ -19,6 +20,7 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 from django.views.decorators.debug import sensitive_post_parameters
 
+from credentials.fields import KeyChoiceField
 from credentials.models import APIKeyCredentials
 
 if TYPE_CHECKING:
@@ -46,6 +48,9 @@ class CredentialForm(forms.ModelForm[APIKeyCredentials]):
             "base_url",
             "fallback",
         ]
+        # Garbage in a choice (words, NUL, a number beyond the column) is a form error,
+        # never a query: see KeyChoiceField.
+        field_classes = {"owner": KeyChoiceField, "fallback": KeyChoiceField}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -225,21 +230,36 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
             },
         )
 
-    @admin.action(description="Test connection (GET /models with the credential's key)")
+    def has_test_permission(self, request: HttpRequest) -> bool:
+        """May run the probes that send a stored key to its base URL (Test connection,
+        Diagnose): the custom permission `test_apikeycredentials`, or change (whoever
+        may change a credential may test it)."""
+        codename = get_permission_codename("test", self.opts)
+        return bool(
+            request.user.has_perm(f"{self.opts.app_label}.{codename}")
+        ) or self.has_change_permission(request)
+
+    @admin.action(
+        description="Test connection (GET /models with the credential's key)",
+        permissions=["test"],
+    )
     def test_connection(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
         # The admin is a page: it may call the services (and the doctor), and nothing
         # below them. The probes run at once, each within LLM_PROBE_TIMEOUT_SECONDS; each
-        # result is remembered for the health column.
+        # result is remembered for the health column and written to the history.
         from llm import doctor, services
 
         credentials = list(queryset)
         results = services.probe(credentials)
-        doctor.remember_many(
-            {
-                credential.pk: (not result.error, _probe_summary(result))
-                for credential, result in zip(credentials, results, strict=True)
-            }
-        )
+        summaries = {
+            credential.pk: (not result.error, _probe_summary(result))
+            for credential, result in zip(credentials, results, strict=True)
+        }
+        doctor.remember_many(summaries)
+        for credential in credentials:
+            self.log_change(
+                request, credential, f"Tested the connection: {summaries[credential.pk][1]}"
+            )
         for result in results:
             if result.error:
                 self.message_user(request, f"{result.title}: {result.error}", messages.ERROR)
@@ -253,7 +273,7 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
 
     @admin.action(
         description="Diagnose (the doctor: /models, /health/liveliness, breaker)",
-        permissions=["change"],
+        permissions=["test"],
     )
     def diagnose(
         self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]
@@ -261,12 +281,19 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
         """`manage.py check_llm_routes` for the selected credentials, as a page.
 
         Only the credentials: the defaults are the environment's, which the command
-        checks where the environment is.
+        checks where the environment is. It sends each stored key, hence the test
+        permission, and each finding goes to the credential's history.
         """
         from llm import doctor
 
-        findings = doctor.diagnose(doctor.routes(queryset.order_by("title", "pk"), defaults=False))
+        credentials = list(queryset.order_by("title", "pk"))
+        findings = doctor.diagnose(doctor.routes(credentials, defaults=False))
         doctor.remember_findings(findings)
+        found = {finding.credential_id: finding for finding in findings}
+        for credential in credentials:
+            finding = found.get(str(credential.pk))
+            if finding is not None:
+                self.log_change(request, credential, f"Diagnosed: {finding.summary}")
         context = {
             **self.admin_site.each_context(request),
             "title": "Diagnosis",
@@ -300,24 +327,27 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
             credential.__dict__[HEALTH] = health[credential.pk]
         return changelist
 
-    @admin.action(description="Activate selected credentials")
+    @admin.action(description="Activate selected credentials", permissions=["change"])
     def activate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
-        count = self._set_active(queryset, True)
+        count = self._set_active(request, queryset, True)
         self.message_user(request, f"{count} credential(s) activated.", messages.SUCCESS)
 
-    @admin.action(description="Deactivate selected credentials")
+    @admin.action(description="Deactivate selected credentials", permissions=["change"])
     def deactivate(self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials]) -> None:
-        count = self._set_active(queryset, False)
+        count = self._set_active(request, queryset, False)
         self.message_user(request, f"{count} credential(s) deactivated.", messages.SUCCESS)
 
-    @staticmethod
-    def _set_active(queryset: QuerySet[APIKeyCredentials], active: bool) -> int:
+    def _set_active(
+        self, request: HttpRequest, queryset: QuerySet[APIKeyCredentials], active: bool
+    ) -> int:
         # Saved one by one, not update(): saving is what tells every worker (and the
-        # client cache) that a credential changed.
+        # client cache) that a credential changed. Each change goes to its history, as
+        # an edit on the form would.
         changed = [credential for credential in queryset if credential.is_active != active]
         for credential in changed:
             credential.is_active = active
             credential.save(update_fields=["is_active", "updated_at"])
+            self.log_change(request, credential, "Activated." if active else "Deactivated.")
         return len(changed)
 
     def lookup_allowed(self, lookup: str, value: str, request: Any = None) -> bool:

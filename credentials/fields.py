@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any
 
 from django import forms
 from django.core.exceptions import FieldError, ValidationError
-from django.db import models
+from django.db import connections, models
 from django.db.models.query_utils import DeferredAttribute
 
 from credentials import crypto
@@ -68,6 +69,12 @@ class EncryptedKeyDescriptor(DeferredAttribute):
         instance.__dict__[self.field.attname] = value
 
 
+def is_new_key(value: object) -> bool:
+    """Whether `value` is a key entered on this instance (a plain Secret, encrypted when
+    saved), not the stored token that was loaded (or copied) as an EncryptedSecret."""
+    return isinstance(value, Secret) and not isinstance(value, EncryptedSecret) and bool(value)
+
+
 class APIKeyFormField(forms.CharField):
     """A password box that never renders the stored key; blank means unchanged."""
 
@@ -81,6 +88,66 @@ class APIKeyFormField(forms.CharField):
 
     def has_changed(self, initial: Any, data: Any) -> bool:
         return bool(data)
+
+
+INTEGER = re.compile(r"-?[0-9]{1,20}")
+
+
+class KeyChoiceField(forms.ModelChoiceField):  # type: ignore[type-arg]
+    """A choice of a row by its key, where a value that cannot be a key is a form error.
+
+    Django's field only catches what the database lookup raises, and re-rendering the
+    form shows the submitted value again: the admin's autocomplete widget filters
+    `pk__in=[value]` with it, so words, NUL or a number beyond the column (OverflowError
+    on SQLite) made the page a 500. Here such a value never reaches a query: it is
+    refused as "Select a valid choice", and the form shows nothing selected instead.
+    """
+
+    def _rows(self) -> models.QuerySet[Any]:
+        assert self.queryset is not None  # a ModelChoiceField always has one
+        return self.queryset
+
+    def _target(self) -> models.Field[Any, Any]:
+        opts = self._rows().model._meta
+        field = opts.get_field(self.to_field_name) if self.to_field_name else opts.pk
+        assert isinstance(field, models.Field)
+        return field
+
+    def is_key(self, value: Any) -> bool:
+        """Whether `value` is a well-formed key of the target column (it may not exist)."""
+        if isinstance(value, self._rows().model):
+            return True
+        text = str(value)
+        if "\x00" in text:
+            return False
+        field = self._target()
+        if isinstance(field, models.IntegerField):
+            if not INTEGER.fullmatch(text):
+                return False
+            ops = connections[self._rows().db].ops
+            low, high = ops.integer_field_range(field.get_internal_type())
+            number = int(text)
+            return (low is None or number >= low) and (high is None or number <= high)
+        try:
+            field.to_python(text)
+        except (ValidationError, ValueError, TypeError):
+            return False
+        return True
+
+    def to_python(self, value: Any) -> Any:
+        if value not in self.empty_values and not self.is_key(value):
+            raise ValidationError(
+                self.error_messages["invalid_choice"],
+                code="invalid_choice",
+                params={"value": value},
+            )
+        return super().to_python(value)
+
+    def bound_data(self, data: Any, initial: Any) -> Any:
+        data = super().bound_data(data, initial)
+        if data in self.empty_values or self.is_key(data):
+            return data
+        return None
 
 
 class EncryptedKeyField(models.TextField[str | Secret, Secret]):

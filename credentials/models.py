@@ -1,18 +1,25 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from credentials.fields import BaseURLField, EncryptedKeyField, EncryptedSecret
+from credentials.fields import BaseURLField, EncryptedKeyField, is_new_key
+from credentials.policy import normalize_base_url, validate_base_url
 
 BASE_URL_NEEDS_KEY = (
     "The API key is bound to its base URL: enter the key again to send it to a new address."
+)
+BASE_URL_IN_BULK = (
+    "The base URL cannot be changed in bulk (update(), bulk_update() or an upsert): the "
+    "API key is bound to it. Save each credential instead, with its key entered again: "
+    "credential.base_url = ...; credential.api_key = ...; credential.save()."
 )
 
 
@@ -45,6 +52,47 @@ class CredentialQuerySet(models.QuerySet["APIKeyCredentials"]):
         """Active and not expired."""
         return self.filter(is_active=True).exclude(expires_at__lte=timezone.now())
 
+    # ---- bulk writes: no bulk path may move a stored key or skip the policy ----------
+
+    def update(self, **kwargs: Any) -> int:
+        if "base_url" in kwargs:
+            raise ValidationError({"base_url": BASE_URL_IN_BULK})
+        return super().update(**kwargs)
+
+    def bulk_update(
+        self,
+        objs: Iterable[APIKeyCredentials],
+        fields: Iterable[str],
+        batch_size: int | None = None,
+    ) -> int:
+        fields = list(fields)
+        if "base_url" in fields:
+            raise ValidationError({"base_url": BASE_URL_IN_BULK})
+        return super().bulk_update(objs, fields, batch_size)
+
+    def bulk_create(
+        self,
+        objs: Iterable[APIKeyCredentials],
+        batch_size: int | None = None,
+        ignore_conflicts: bool = False,
+        update_conflicts: bool = False,
+        update_fields: Collection[str] | None = None,
+        unique_fields: Collection[str] | None = None,
+    ) -> list[APIKeyCredentials]:
+        if update_conflicts and update_fields and "base_url" in update_fields:
+            raise ValidationError({"base_url": BASE_URL_IN_BULK})
+        objs = list(objs)
+        for credential in objs:
+            credential.check_base_url_policy()
+        return super().bulk_create(
+            objs,
+            batch_size=batch_size,
+            ignore_conflicts=ignore_conflicts,
+            update_conflicts=update_conflicts,
+            update_fields=update_fields,
+            unique_fields=unique_fields,
+        )
+
     def usable_by(self, user: Any) -> CredentialQuerySet:
         """Live credentials `user` owns or that are shared; every live one for PLATFORM."""
         if user is PLATFORM:
@@ -67,7 +115,9 @@ class APIKeyCredentials(models.Model):
     `owner` empty means shared with every signed-in user. `base_url` empty means the
     global default of the purpose (OPENAI_BASE_URL, or OPENAI_INTERNAL_BASE_URL for
     embeddings). Changing `base_url` of a saved credential requires entering the key
-    again (see `clean()`), so nobody can send a stored key to a host of their choosing.
+    again (`save()` checks it against the stored row; `clean()` says so on the form),
+    so nobody can send a stored key to a host of their choosing; bulk writes of
+    `base_url` are refused (CredentialQuerySet).
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -108,33 +158,114 @@ class APIKeyCredentials(models.Model):
 
     objects = CredentialQuerySet.as_manager()
 
-    # base_url as last loaded or saved: moving away from it needs the key again.
-    _saved_base_url: str | None = None
-
     class Meta:
         ordering = ["title"]
         verbose_name = "API key credentials"
         verbose_name_plural = "API key credentials"
+        # Every manager, related ones and _base_manager included, refuses bulk writes
+        # of the base URL (CredentialQuerySet).
+        base_manager_name = "objects"
+        permissions = [
+            ("test_apikeycredentials", "Can test the connection of API key credentials"),
+        ]
 
     def __str__(self) -> str:
         return self.title
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        # An invariant, not only a form rule: no code path may re-point a stored key.
-        if self.base_url_change_without_key():
+    def save(
+        self,
+        *,
+        force_insert: bool | tuple[models.base.ModelBase, ...] = False,
+        force_update: bool = False,
+        using: str | None = None,
+        update_fields: Iterable[str] | None = None,
+    ) -> None:
+        """Save, refusing a base URL the policy refuses and a stored key sent elsewhere.
+
+        An invariant, not only a form rule: whatever the instance knows or believes
+        (loaded with only() or defer(), refreshed in part, stale), the base URL is
+        compared with the row as stored, locked in the same transaction as the write.
+        A save that does not write the base URL costs nothing more.
+
+        The key (and its hint) are written only when a new key was entered: the token an
+        instance loaded may have been re-encrypted by rotate_credential_keys, or replaced
+        by another admin, since; writing it back would undo that.
+        """
+        fields = None if update_fields is None else list(update_fields)
+        existing = (not self._state.adding or force_update) and not force_insert
+        if existing and fields is None and not is_new_key(self.__dict__.get("api_key")):
+            fields = self._loaded_fields(exclude={"api_key", "key_hint"})
+        kwargs: dict[str, Any] = {
+            "force_insert": force_insert,
+            "force_update": force_update,
+            "using": using,
+            "update_fields": fields,
+        }
+        if not self._writes("base_url", fields):
+            super().save(**kwargs)
+            return
+        self.check_base_url_policy()
+        if not existing:
+            super().save(**kwargs)  # a new row: there is no stored key to move
+            return
+        key_written = self._writes("api_key", fields)
+        using = using or router.db_for_write(type(self), instance=self)
+        # The refusal is raised outside the block: raised inside, it would spoil a
+        # caller's transaction even though nothing was written.
+        with transaction.atomic(using=using, savepoint=False):
+            stored = self.stored_base_url(using=using, lock=True)
+            refused = self.moves_key(stored, key_written=key_written)
+            if not refused:
+                super().save(**kwargs)
+        if refused:
             raise ValidationError({"base_url": BASE_URL_NEEDS_KEY})
-        super().save(*args, **kwargs)
-        self._saved_base_url = self.base_url
 
-    @classmethod
-    def from_db(cls, db: str | None, field_names: Any, values: Any) -> APIKeyCredentials:
-        instance = super().from_db(db, field_names, values)
-        instance._saved_base_url = instance.__dict__.get("base_url")
-        return instance
+    def _loaded_fields(self, *, exclude: set[str]) -> list[str]:
+        """The fields a save of this instance writes (the loaded ones, as Django picks
+        them for a deferred instance), but those in `exclude`."""
+        return [
+            field.attname
+            for field in self._meta.concrete_fields
+            if not field.primary_key
+            and field.attname in self.__dict__
+            and field.name not in exclude
+        ]
 
-    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
-        super().refresh_from_db(*args, **kwargs)
-        self._saved_base_url = self.__dict__.get("base_url")
+    def _writes(self, name: str, update_fields: list[str] | None) -> bool:
+        """Whether a save with `update_fields` writes the field `name`. A deferred field
+        is not written: Django saves only the loaded ones."""
+        if update_fields is not None:
+            return name in update_fields
+        return self._state.adding or name in self.__dict__
+
+    def check_base_url_policy(self) -> None:
+        """The base-URL policy (credentials.policy), as the model's own error."""
+        if not self.base_url:
+            return  # the global default, checked where it is configured
+        try:
+            validate_base_url(self.base_url)
+        except ValidationError as error:
+            raise ValidationError({"base_url": error.messages}) from None
+
+    def stored_base_url(self, *, using: str | None = None, lock: bool = False) -> str | None:
+        """The base URL of this credential's row as stored now; None: no row yet."""
+        if self.pk is None:
+            return None
+        rows = type(self)._base_manager.using(
+            using or router.db_for_read(type(self), instance=self)
+        )
+        if lock:
+            rows = rows.select_for_update()
+        return rows.filter(pk=self.pk).values_list("base_url", flat=True).first()
+
+    def moves_key(self, stored: str | None, *, key_written: bool = True) -> bool:
+        """Whether saving would send the stored key to a base URL other than `stored`:
+        the base URL differs and no new key is entered (and written) with it."""
+        if stored is None:
+            return False
+        if normalize_base_url(self.base_url) == normalize_base_url(stored):
+            return False
+        return not (key_written and is_new_key(self.__dict__.get("api_key")))
 
     @property
     def effective_base_url(self) -> str:
@@ -159,16 +290,9 @@ class APIKeyCredentials(models.Model):
             return "expired"
         return None
 
-    def base_url_change_without_key(self) -> bool:
-        """Whether base_url moved away from its saved value while the stored key stayed."""
-        if self._state.adding or self._saved_base_url is None:
-            return False
-        key_kept = isinstance(self.__dict__.get("api_key"), EncryptedSecret)
-        return key_kept and self.base_url != self._saved_base_url
-
     def clean(self) -> None:
         errors: dict[str, str] = {}
-        if self.base_url_change_without_key():
+        if not self._state.adding and self.moves_key(self.stored_base_url()):
             errors["base_url"] = BASE_URL_NEEDS_KEY
         loop = self.fallback_loop()
         if loop:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from urllib.parse import urlencode
 
 import pytest
 from django.contrib.admin.models import LogEntry
@@ -206,3 +207,72 @@ def test_the_key_box_never_renders_a_value(admin_client, credential_factory):
 
     assert 'type="password" name="api_key"' in page
     assert "Leave blank to keep it" in page
+
+
+GARBAGE = [
+    "abc",
+    "1 OR 1=1",
+    "1; DROP TABLE auth_user",
+    "99999999999999999999999",
+    "9223372036854775808",
+    "-9223372036854775809",
+    "2147483648",
+    "1.5",
+    "1e3",
+    "0x1",
+    " 1 ",
+    "1\x00",
+    "\x00",
+    "\u202e1",
+    "١",  # an Arabic-Indic digit one: int() takes it, a form should not
+    "x" * 5000,
+]
+
+
+@pytest.fixture
+def superuser_client(client, django_user_model):
+    """A superuser's client (no password: hashing one costs more than the test), that
+    answers a 500 as a page instead of raising it."""
+    client.raise_request_exception = False
+    client.force_login(
+        django_user_model.objects.create_user("root", is_staff=True, is_superuser=True)
+    )
+    return client
+
+
+@pytest.mark.parametrize("field", ["owner", "fallback"])
+@pytest.mark.parametrize("value", GARBAGE, ids=lambda value: ascii(value)[:30])
+@pytest.mark.parametrize("page", ["add", "change"])
+def test_garbage_in_a_choice_field_is_a_form_error(
+    superuser_client, credential_factory, alice, field, value, page
+):
+    client = superuser_client
+    existing = credential_factory(title="Existing", owner=alice)
+    url = ADD_URL if page == "add" else change_url(existing)
+
+    response = client.post(url, form_data(title="Garbage", **{field: value}))
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == [field]
+    assert errors[field][0] in response.content.decode()
+    assert not APIKeyCredentials.objects.filter(title="Garbage").exists()
+    assert APIKeyCredentials.objects.get(pk=existing.pk).owner == alice
+
+
+def test_bytes_that_are_not_utf8_in_the_owner_field_are_a_form_error(superuser_client):
+    client = superuser_client
+    body = urlencode(form_data(owner="1")).replace("owner=1", "owner=%ED%A0%80%FF")
+
+    response = client.post(ADD_URL, body, content_type="application/x-www-form-urlencoded")
+
+    assert response.status_code == 200
+    assert "Select a valid choice" in response.content.decode()
+    assert not APIKeyCredentials.objects.exists()
+
+
+def test_a_real_owner_is_still_accepted(admin_client, alice):
+    response = admin_client.post(ADD_URL, form_data(owner=str(alice.pk)))
+
+    assert response.status_code == 302
+    assert APIKeyCredentials.objects.get().owner == alice
