@@ -342,8 +342,10 @@ class _Lease:
     def _release(self, error: BaseException | None) -> None:
         assert self.entry is not None
         _cache.release(self.entry)
-        if isinstance(error, openai.OpenAIError):
-            raise translate(error, self.route, model=self.model, options=self.options) from None
+        if error is not None and not isinstance(error, LLMError):
+            translated = sdk_error(error, self.route, model=self.model, options=self.options)
+            if translated is not None:
+                raise translated from None
 
 
 def lease(route: Route, *, model: str | None = None, probe: bool = False) -> _Lease:
@@ -417,6 +419,57 @@ DROPPED = (
     httpx2.RemoteProtocolError,
     httpx2.ReadError,
 )
+
+
+# Where the SDK reads an answer: what it raises there other than an OpenAIError (the JSON
+# parser's error on an HTML page, an AttributeError on a list where an object was due,
+# ...) says the answer is not an OpenAI-compatible one. Where it builds a request: what
+# it raises there says the request cannot be encoded. (file name, function) pairs.
+_SDK_DIR = os.path.dirname(openai.__file__)
+_READING = frozenset(
+    {
+        ("_base_client.py", "_process_response"),
+        ("_response.py", "parse"),
+        ("_response.py", "_parse"),
+        ("_legacy_response.py", "parse"),
+        ("_legacy_response.py", "_parse"),
+        ("_streaming.py", "__next__"),
+        ("_streaming.py", "__anext__"),
+        ("_streaming.py", "__stream__"),
+    }
+)
+_BUILDING = frozenset({("_base_client.py", "_build_request")})
+
+
+def sdk_error(
+    error: BaseException,
+    route: Route,
+    *,
+    model: str | None = None,
+    options: ClientOptions | None = None,
+) -> LLMError | None:
+    """The LLMError for `error`, raised inside a lease; None when it is not the SDK's
+    (a bug of the caller's stays what it is)."""
+    if isinstance(error, openai.OpenAIError):
+        return translate(error, route, model=model, options=options)
+    frames = _sdk_frames(error)
+    if isinstance(error, errors.MALFORMED) and frames & _READING:
+        return errors.malformed_answer(route)
+    if isinstance(error, UnicodeEncodeError | RecursionError) and frames & _BUILDING:
+        return errors.unsendable(route, error)
+    return None
+
+
+def _sdk_frames(error: BaseException) -> set[tuple[str, str]]:
+    """The SDK's (file name, function) pairs that `error` was raised through."""
+    frames = set()
+    trace = error.__traceback__
+    while trace is not None:
+        code = trace.tb_frame.f_code
+        if code.co_filename.startswith(_SDK_DIR + os.sep):
+            frames.add((os.path.basename(code.co_filename), code.co_name))
+        trace = trace.tb_next
+    return frames
 
 
 def translate(

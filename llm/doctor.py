@@ -54,6 +54,7 @@ from credentials.secret import Secret
 from llm import breaker, clients
 from llm.errors import CONNECTION_FAULTS, LLMError, reading_answer
 from llm.routes import Purpose, Route, Source, resolve_route
+from llm.services import model_ids
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def _list_models(route: Route) -> _Listing:
             started = time.perf_counter()  # the request's time, not the client's building
             page = client.models.list()
             with reading_answer(route):
-                models = tuple(sorted(str(entry.id) for entry in page.data))
+                models = tuple(model_ids(page))
     except LLMError as error:
         return _Listing(latency_ms=round((time.perf_counter() - started) * 1000, 1), error=error)
     return _Listing(models, round((time.perf_counter() - started) * 1000, 1))

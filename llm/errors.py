@@ -106,6 +106,15 @@ class UpstreamError(LLMError):
     fault = "upstream"
 
 
+class UnsendableRequest(LLMError):
+    """The request holds what the SDK cannot encode (a lone UTF-16 surrogate, nesting
+    deeper than Python's encoder recurses): refused before anything was sent. The API
+    refuses such input itself (llm.requests); this is what other callers get."""
+
+    status = 400
+    fault = "unsendable"
+
+
 def who(route: Route) -> str:
     if route.credential_title:
         return f"credential {route.credential_title!r}"
@@ -261,8 +270,30 @@ def malformed_answer(route: Route) -> UpstreamError:
     )
 
 
-# What reading an answer of the wrong shape raises.
-MALFORMED = (ValueError, TypeError, AttributeError, IndexError, KeyError)
+def unsendable(route: Route, error: BaseException) -> UnsendableRequest:
+    """The SDK could not encode the request for `route` (`error`); nothing was sent."""
+    if isinstance(error, UnicodeEncodeError):
+        code = ord(error.object[error.start]) if isinstance(error.object, str) else 0
+        what = f"it contains a lone UTF-16 surrogate (\\u{code:04x}), which cannot be sent"
+    else:
+        what = "it is nested too deeply to encode"
+    return UnsendableRequest(
+        f"The request for {who(route)} to the LLM proxy at {route.host} was not sent: {what}. "
+        "Send valid Unicode text, nested a few levels deep at most."
+    )
+
+
+# What reading an answer of the wrong shape raises (int() of an infinite float overflows;
+# an answer nested thousands of levels deep exhausts the parser's recursion).
+MALFORMED = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    RecursionError,
+)
 
 
 @contextmanager

@@ -123,14 +123,30 @@ def _info(route: Route) -> RouteInfo:
     return RouteInfo(route.source, route.host, credential_id, route.credential_title)
 
 
+# A token count larger than this is no count (and no usage record could store it).
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
 def _usage(raw: Any) -> Usage:
+    """The answer's token counts; read inside `reading_answer` (ValueError: not counts)."""
     usage = getattr(raw, "usage", None)
     if usage is None:
         return Usage()
-    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-    completion = int(getattr(usage, "completion_tokens", 0) or 0)
-    total = int(getattr(usage, "total_tokens", 0) or 0) or prompt + completion
+    prompt = _count(getattr(usage, "prompt_tokens", None))
+    completion = _count(getattr(usage, "completion_tokens", None))
+    total = _count(getattr(usage, "total_tokens", None)) or prompt + completion
     return Usage(prompt, completion, total)
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 0
+    count = int(value)  # a number or digits; anything else raises
+    if isinstance(value, bool) or (count != value and str(count) != value):
+        raise ValueError(f"a token count that is not a whole number: {value!r}")
+    if not 0 <= count <= MAX_TOKEN_COUNT:
+        raise ValueError(f"a token count out of range: {count}")
+    return count
 
 
 def _cost(headers: Any, answer: Any = None) -> float | None:
@@ -142,7 +158,7 @@ def _cost(headers: Any, answer: Any = None) -> float | None:
         value = getattr(getattr(answer, "usage", None), "cost", None)
     try:
         cost = float(value) if value not in (None, "", "None") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return cost if cost is not None and math.isfinite(cost) and cost >= 0 else None
 
@@ -161,6 +177,8 @@ def _embedding_result(raw: Any, route: Route) -> EmbeddingResult:
         response = raw.parse()
         rows = sorted(response.data, key=lambda row: row.index)
         vectors = [list(map(float, row.embedding)) for row in rows]
+        if not all(math.isfinite(sum(vector)) for vector in vectors):
+            raise ValueError("a vector holds NaN or an infinity")
         model = str(response.model or "")
         usage = _usage(response)
     return EmbeddingResult(vectors, model, usage, _info(route), _cost(raw.headers, response))
@@ -454,6 +472,9 @@ class _Call:
         return {
             "credential_id": self.credential.pk if self.credential else None,
             "serving_credential_id": route.credential_id if route else None,
+            # The titles at the call: usage keeps them after a credential is deleted.
+            "credential_title": self.credential.title if self.credential else "",
+            "serving_credential_title": (route.credential_title or "") if route else "",
             "user_id": user.pk if getattr(user, "is_authenticated", False) else None,
             "purpose": self.purpose,
             "model": (result.model if result and result.model else self.model)[:200],
@@ -612,6 +633,10 @@ async def _open_stream(
         chunks = aiter(await response.parse())
         with reading_answer(route):
             first = await anext(chunks, None)
+            if first is None and "text/event-stream" not in response.headers.get(
+                "content-type", ""
+            ):
+                raise ValueError("no events: the answer is not a stream")
         return _OpenStream(stack.pop_all(), chunks, first, _cost(response.headers))
     raise AssertionError("unreachable")  # pragma: no cover - for type checkers
 
@@ -662,9 +687,17 @@ async def aembed(
     return await _arun(call, _embedding(texts, model), _embedding_result)
 
 
+def model_ids(page: Any) -> list[str]:
+    """The model names of a GET /models answer, sorted; read inside `reading_answer`."""
+    ids = [model.id for model in page.data]
+    if not all(isinstance(name, str) for name in ids):
+        raise TypeError("a model without a name")
+    return sorted(ids)
+
+
 def _model_list(page: Any, route: Route, started: float) -> ModelList:
     with reading_answer(route):
-        models = sorted(str(model.id) for model in page.data)
+        models = model_ids(page)
     latency = (time.perf_counter() - started) * 1000
     return ModelList(models=models, latency_ms=latency, route=_info(route))
 

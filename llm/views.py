@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
 from django.http import (
@@ -31,6 +31,7 @@ from django.http import (
     JsonResponse,
     StreamingHttpResponse,
 )
+from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
@@ -41,7 +42,15 @@ from credentials.selectors import ausable_credential, usable_credentials
 from llm import services
 from llm.errors import LLMError
 from llm.models import PlaygroundChoice
-from llm.requests import TOO_BIG, InvalidRequest, chat_request, embeddings_request, parse_json
+from llm.requests import (
+    TOO_BIG,
+    InvalidRequest,
+    chat_request,
+    credential_from_query,
+    embeddings_request,
+    parse_json,
+    playground_request,
+)
 from platform_site import shared_cache
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,14 @@ def error_response(
     return JsonResponse({"error": error}, status=status)
 
 
+def too_many_fields() -> str:
+    """A form or query string of more fields than Django reads: no call of this API."""
+    return (
+        f"The request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} form fields or "
+        "query parameters: send the call as a JSON object."
+    )
+
+
 def llm_error_response(error: LLMError) -> JsonResponse:
     response = error_response(error.message, error.status, kind=type(error).__name__)
     if error.retry_after is not None:
@@ -71,9 +88,17 @@ def llm_error_response(error: LLMError) -> JsonResponse:
 
 
 def _csrf_refused(request: HttpRequest) -> bool:
-    """Django's CSRF check, run by the API itself: after authentication, in JSON."""
+    """Django's CSRF check, run by the API itself: after authentication, in JSON.
+
+    For a form body the check looks for the token among the form's fields: `api` reads
+    the body first, so the view can still read it after the form was parsed. A multipart
+    body Django cannot parse has no fields (Django marks them empty after the error), so
+    the check runs again, on the header alone."""
     check = CsrfViewMiddleware(lambda request: HttpResponse())
-    return check.process_view(request, _csrf_checked_view, (), {}) is not None
+    try:
+        return check.process_view(request, _csrf_checked_view, (), {}) is not None
+    except (MultiPartParserError, TooManyFilesSent):
+        return check.process_view(request, _csrf_checked_view, (), {}) is not None
 
 
 def _csrf_checked_view(request: HttpRequest) -> HttpResponse:  # pragma: no cover
@@ -95,18 +120,22 @@ def api(view: View) -> View:
             return error_response(
                 "Sign in first: this API uses the site's session.", 401, kind="NotAuthenticated"
             )
-        if _csrf_refused(request):
-            return error_response(
-                "CSRF check failed: send the csrftoken cookie's value in an X-CSRFToken header.",
-                403,
-                kind="CSRFFailed",
-            )
         try:
+            request.body  # noqa: B018 (read now: the CSRF check may parse it as a form)
+            if _csrf_refused(request):
+                return error_response(
+                    "CSRF check failed: send the csrftoken cookie's value in an X-CSRFToken "
+                    "header.",
+                    403,
+                    kind="CSRFFailed",
+                )
             return await view(request, user, *args, **kwargs)
         except InvalidRequest as error:
             return error_response(error.message, 400, kind="InvalidRequest", fields=error.fields)
         except RequestDataTooBig:
             return error_response(TOO_BIG, 400, kind="InvalidRequest")
+        except TooManyFieldsSent:
+            return error_response(too_many_fields(), 400, kind="InvalidRequest")
         except LLMError as error:
             return llm_error_response(error)
 
@@ -237,7 +266,7 @@ async def embeddings_api(request: HttpRequest, user: Any) -> HttpResponseBase:
 @require_GET
 @api
 async def models_api(request: HttpRequest, user: Any) -> HttpResponseBase:
-    credential = await credential_for(user, request.GET.get("credential") or None)
+    credential = await credential_for(user, credential_from_query(request.GET.get("credential")))
     listing = await services.alist_models(credential=credential, user=user)
     return JsonResponse({"models": listing.models})
 
@@ -317,22 +346,18 @@ def playground(request: HttpRequest) -> HttpResponse:
 @api
 async def playground_send(request: HttpRequest, user: Any) -> HttpResponseBase:
     """What the playground's Send button posts: remembers the choice, then calls."""
-    data = parse_json(request.body)
-    purpose = data.pop("purpose", "chat")
-    prompt = data.pop("prompt", "")
-    if purpose not in ("chat", "code", "embeddings"):
-        raise InvalidRequest("Choose a purpose.", {"purpose": ["Use chat, code or embeddings."]})
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequest("Write a prompt first.", {"prompt": ["Write a prompt first."]})
-    if purpose == "embeddings":
-        request_ = embeddings_request({**data, "input": prompt})
+    send = playground_request(parse_json(request.body))
+    purpose, prompt = send.purpose, send.prompt
+    if send.embeddings is not None:
+        request_ = send.embeddings
         credential = await credential_for(user, request_.credential)
         await remember(request, user, credential, purpose, request_.model)
         result = await services.aembed(
             texts=request_.texts, model=request_.model, credential=credential, user=user
         )
         return result_response(result)
-    chat = chat_request({**data, "messages": [{"role": "user", "content": prompt}]})
+    chat = send.chat
+    assert chat is not None
     credential = await credential_for(user, chat.credential)
     await remember(request, user, credential, purpose, chat.model)
     if purpose == "code":

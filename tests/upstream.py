@@ -43,7 +43,9 @@ class Behaviour:
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
-    mode: str = "answer"  # answer | drop | hang | garbage | drop-mid-stream
+    # answer | drop | hang | garbage | drop-mid-stream | verbatim (`status` with `body`,
+    # a 200 included: bytes or a str as they are, anything else as JSON)
+    mode: str = "answer"
 
 
 class DeadPort:
@@ -217,6 +219,18 @@ class Upstream:
             assert request.transport is not None
             request.transport.abort()
             raise asyncio.CancelledError
+        if behaviour.mode == "verbatim":
+            if isinstance(behaviour.body, str | bytes):
+                raw = behaviour.body
+                return web.Response(
+                    status=behaviour.status,
+                    body=raw.encode() if isinstance(raw, str) else raw,
+                    content_type="application/json",
+                    headers=behaviour.headers,
+                )
+            return web.json_response(
+                behaviour.body, status=behaviour.status, headers=behaviour.headers
+            )
         if behaviour.mode == "garbage":
             return web.Response(
                 status=200, text="this is not json {", content_type="application/json"

@@ -90,3 +90,22 @@ def test_it_gives_up_after_the_probe_timeout_without_retrying(
         "(the time budget is LLM_PROBE_TIMEOUT_SECONDS)."
     )
     assert len(upstream.requests) == 1
+
+
+def test_it_reports_an_answer_that_is_not_a_model_list(admin_client, credential_factory, upstream):
+    """A login page (or anything else) where the model list should be: a sentence, never
+    a 500; the other credentials are tested all the same."""
+    odd = credential_factory(title="Login page", base_url=upstream.base_url)
+    port = free_port()
+    down = credential_factory(title="Down", base_url=f"http://127.0.0.1:{port}/v1")
+    upstream.respond(mode="verbatim", body="<html><body>Sign in</body></html>")
+
+    messages, page = run_action(admin_client, odd, down)
+
+    assert sorted(messages)[1] == (
+        f"Login page: The LLM proxy at 127.0.0.1:{upstream.port} sent an answer that is not "
+        "an OpenAI-compatible response, for credential 'Login page'. Is "
+        f"{upstream.base_url} the proxy's OpenAI endpoint (often ending in /v1)?"
+    )
+    assert sorted(messages)[0].startswith("Down: Could not connect")
+    assert FAKE_KEY not in page

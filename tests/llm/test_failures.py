@@ -29,6 +29,7 @@ from llm.errors import (
     ModelNotFound,
     ProxyUnreachable,
     RateLimited,
+    UnsendableRequest,
     UpstreamError,
 )
 from tests.upstream import free_port
@@ -51,10 +52,14 @@ def call(service, *, model="gpt-test-mini", **kwargs):
         return services.generate_code(prompt="fizzbuzz in one line", model=model, **kwargs)
     if service == "embed":
         return services.embed(texts=["hello"], model=model, **kwargs)
+    if service == "list_models":
+        return services.list_models(**kwargs)
 
     async def run():
         if service == "achat":
             return await services.achat(messages=MESSAGES, model=model, **kwargs)
+        if service == "alist_models":
+            return await services.alist_models(**kwargs)
         return await services.aembed(texts=["hello"], model=model, **kwargs)
 
     return async_to_sync(run)()
@@ -222,6 +227,91 @@ def test_it_names_the_credential_when_the_answer_is_not_json(service, upstream, 
 
     assert type(error) is UpstreamError
     assert WHO in error.message
+
+
+@pytest.mark.parametrize("service", [*SERVICES, "list_models", "alist_models"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param("<html><body>Sign in</body></html>", id="HTML"),
+        pytest.param("", id="empty"),
+        pytest.param([], id="a list"),
+        pytest.param(None, id="null"),
+        pytest.param({"data": [{"object": "model"}], "choices": [{"message": 5}]}, id="odd"),
+        pytest.param("[" * 100_000, id="nested too deeply"),
+    ],
+)
+def test_an_answer_of_the_wrong_shape_is_an_upstream_error(
+    service, body, upstream, credential, logs
+):
+    """Whatever the SDK raises reading it (not only OpenAIError) leaves as the sentence."""
+    upstream.respond(mode="verbatim", body=body)
+
+    error = failure(service, credential=credential, user=PLATFORM)
+
+    assert type(error) is UpstreamError
+    assert error.status == 502
+    assert error.fault == "malformed"
+    assert f"not an OpenAI-compatible response, for {WHO}" in error.message
+    assert places_showing(LEAK_KEY, error, logs) == []
+
+
+def test_a_probe_reports_an_answer_of_the_wrong_shape(upstream, credential):
+    upstream.respond(mode="verbatim", body="<html><body>Sign in</body></html>")
+
+    (result,) = services.probe([credential])
+
+    assert result.error is not None
+    assert "not an OpenAI-compatible response" in result.error
+    assert result.models == ()
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize(
+    ("where", "sentence"),
+    [
+        pytest.param("model", "lone UTF-16 surrogate (\\ud800)", id="surrogate in the model"),
+        pytest.param("text", "lone UTF-16 surrogate (\\udfff)", id="surrogate in the text"),
+        pytest.param("nested", "nested too deeply", id="nested too deeply"),
+    ],
+)
+def test_a_request_the_sdk_cannot_encode_is_refused_unsent(
+    service, where, sentence, upstream, credential
+):
+    """The API refuses such input itself (llm.requests); a caller in code gets a 400
+    error that blames the request, not the proxy."""
+    model, text = "gpt-test-mini", "hello"
+    if where == "model":
+        model = "gpt-\ud800"
+    elif where == "text":
+        text = "hello \udfff"
+    else:
+        deep: Any = "hello"
+        for _ in range(5000):
+            deep = [deep]
+        text = deep
+    if service in {"chat", "achat"}:
+        messages = [{"role": "user", "content": text}]
+        error = failure_with(service, credential, messages=messages, model=model)
+    elif service == "generate_code":
+        error = failure_with(service, credential, prompt=text, model=model)
+    else:
+        error = failure_with(service, credential, texts=[text], model=model)
+
+    assert type(error) is UnsendableRequest
+    assert error.status == 400
+    assert sentence in error.message
+    assert WHO in error.message
+    assert upstream.requests == []
+
+
+def failure_with(service: str, credential: APIKeyCredentials, **kwargs: Any) -> LLMError:
+    """Run `service` with arguments of its own (`call` fixes them) and catch its error."""
+    function = getattr(services, service)
+    run = async_to_sync(function) if service in ASYNC else function
+    with pytest.raises(LLMError) as caught:
+        run(credential=credential, user=PLATFORM, **kwargs)
+    return caught.value
 
 
 @pytest.mark.parametrize("service", SERVICES)
