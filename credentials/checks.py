@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core import checks
 
 from credentials import crypto
-from credentials.policy import base_url_problem
+from credentials.policy import site_base_url_problem
 
 GLOBAL_BASE_URLS = ("OPENAI_BASE_URL", "OPENAI_INTERNAL_BASE_URL", "LLM_FAILOVER_BASE_URL")
 
@@ -37,9 +37,7 @@ def check_global_base_urls(app_configs: Any, **kwargs: Any) -> list[checks.Check
     errors: list[checks.CheckMessage] = []
     for name in GLOBAL_BASE_URLS:
         value = getattr(settings, name)
-        problem = value and base_url_problem(
-            value, allowed_hosts=settings.LLM_ALLOWED_BASE_URL_HOSTS
-        )
+        problem = value and site_base_url_problem(value)
         if problem:
             errors.append(
                 checks.Error(

@@ -8,11 +8,14 @@ One policy for the model, the admin, the system checks and the client builder
 - link-local and cloud-metadata addresses are always refused, in every spelling
   (dotted, integer, hex, octal, IPv4-mapped/compatible and NAT64 IPv6, trailing dot);
 - loopback and private hosts are allowed (the proxy usually lives there), unless the
-  site sets LLM_ALLOWED_BASE_URL_HOSTS and the host is not on it.
+  site sets LLM_ALLOWED_BASE_URL_HOSTS and the host is not on it, or sets
+  LLM_BLOCK_PRIVATE_NETWORKS=true (every base URL public): then loopback, private,
+  shared (100.64.0.0/10), benchmarking, reserved, multicast and IPv6 unique-local
+  addresses, and `localhost` names, are refused too.
 
-Host names are not resolved here: validation must not depend on DNS. Nor are they
-resolved when a client is built, so a name that resolves to a refused address is
-stopped only by the network's egress rules (README, "Credentials").
+Host names are not resolved here: validation must not depend on DNS. The clients'
+transport (llm.egress) resolves them when it connects, judges every address with
+`address_problem`, and connects only to the addresses it judged.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ METADATA_ADDRESSES = frozenset(
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+# Named in LLM_BLOCK_PRIVATE_NETWORKS refusals (ipaddress's is_global covers them all).
+SHARED = ipaddress.ip_network("100.64.0.0/10")
+BENCHMARKING = ipaddress.ip_network("198.18.0.0/15")
+THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
 LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 REFUSED_ADDRESS = (
     "Link-local and cloud-metadata addresses are never allowed: they would hand the "
@@ -117,7 +125,8 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
-def address_problem(address: IPAddress) -> str | None:
+def address_problem(address: IPAddress, *, block_private: bool = False) -> str | None:
+    """Why no API key may be sent to `address`, as a sentence; None when it may."""
     for candidate in (address, embedded_ipv4(address)):
         if candidate is None:
             continue
@@ -130,7 +139,40 @@ def address_problem(address: IPAddress) -> str | None:
             )
         if candidate.is_multicast:
             return "A multicast address cannot be a proxy's address."
+    if block_private:
+        # ::1 is IPv6's loopback, not an IPv4-compatible 0.0.0.1.
+        carried = None if address.is_loopback else embedded_ipv4(address)
+        return private_problem(carried or address)
     return None
+
+
+def private_problem(address: IPAddress) -> str | None:
+    """Why `address` is not public (LLM_BLOCK_PRIVATE_NETWORKS), as a sentence."""
+    site_local = isinstance(address, ipaddress.IPv6Address) and address.is_site_local
+    if address.is_global and not (address.is_reserved or site_local):
+        return None
+    kind = next((name for test, name in _PRIVATE_KINDS if test(address)), "reserved (not public)")
+    return (
+        f"{address} is a {kind} address, and LLM_BLOCK_PRIVATE_NETWORKS=true allows only "
+        "public addresses. Use the proxy's public host name, or ask the site's operator "
+        "to turn LLM_BLOCK_PRIVATE_NETWORKS off."
+    )
+
+
+_PRIVATE_KINDS = (
+    (lambda a: a.is_loopback, "loopback"),
+    (lambda a: a in SHARED, "shared (CGNAT, 100.64.0.0/10)"),
+    (lambda a: a in BENCHMARKING, "benchmarking (198.18.0.0/15)"),
+    (lambda a: a in THIS_NETWORK, '"this network" (0.0.0.0/8)'),
+    (lambda a: a in UNIQUE_LOCAL, "unique-local (fc00::/7)"),
+    (lambda a: a.is_reserved, "reserved"),
+    (lambda a: a.is_private, "private"),
+)
+
+
+def is_localhost_name(host: str) -> bool:
+    """`localhost` and names below it (RFC 6761): loopback whatever DNS says."""
+    return host == "localhost" or host.endswith(".localhost")
 
 
 def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
@@ -147,8 +189,13 @@ def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
     return False
 
 
-def base_url_problem(value: str, *, allowed_hosts: Sequence[str] = ()) -> str | None:
-    """Why `value` may not carry an API key, as a sentence; None when it may."""
+def base_url_problem(
+    value: str, *, allowed_hosts: Sequence[str] = (), block_private: bool = False
+) -> str | None:
+    """Why `value` may not carry an API key, as a sentence; None when it may.
+
+    `block_private`: refuse every address that is not public (LLM_BLOCK_PRIVATE_NETWORKS).
+    """
     if any(ord(ch) < 0x21 or ord(ch) == 0x7F or ch.isspace() for ch in value):
         return "The URL contains white space or control characters."
     if "\\" in value:
@@ -177,12 +224,17 @@ def base_url_problem(value: str, *, allowed_hosts: Sequence[str] = ()) -> str | 
         return "The host must not be percent-encoded or carry an IPv6 zone."
     address = parse_ip(host)
     if address is not None:
-        problem = address_problem(address)
+        problem = address_problem(address, block_private=block_private)
         if problem:
             return problem
         host = str(address)
     elif host in METADATA_HOSTS:
         return REFUSED_ADDRESS
+    elif block_private and is_localhost_name(host):
+        return (
+            f"{host} is this machine (loopback), and LLM_BLOCK_PRIVATE_NETWORKS=true allows "
+            "only public addresses."
+        )
     elif len(host) > 253 or not all(LABEL.match(label) for label in host.split(".")):
         return "The host name is not valid (letters, digits, '-' and '_' between dots)."
     if allowed_hosts and not host_allowed(host, allowed_hosts):
@@ -193,8 +245,17 @@ def base_url_problem(value: str, *, allowed_hosts: Sequence[str] = ()) -> str | 
     return None
 
 
+def site_base_url_problem(value: str) -> str | None:
+    """`base_url_problem` with the site's settings (allow-list, private networks)."""
+    return base_url_problem(
+        value,
+        allowed_hosts=settings.LLM_ALLOWED_BASE_URL_HOSTS,
+        block_private=settings.LLM_BLOCK_PRIVATE_NETWORKS,
+    )
+
+
 def validate_base_url(value: str) -> None:
-    """Django validator applying the policy with the site's allow-list."""
-    problem = base_url_problem(value, allowed_hosts=settings.LLM_ALLOWED_BASE_URL_HOSTS)
+    """Django validator applying the policy with the site's settings."""
+    problem = site_base_url_problem(value)
     if problem:
         raise ValidationError(problem, code="base_url_policy")

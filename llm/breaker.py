@@ -207,8 +207,8 @@ class Breakers:
         if not self.enabled:
             return
         view = self._views.get(ticket.base_url) or self._watch(ticket.base_url)
-        if error is not None and not hasattr(error, "connection_level"):
-            # Cancelled or a bug of ours: says nothing about the host.
+        if error is not None and not getattr(error, "sent", False):
+            # Cancelled, a bug of ours, or never sent: says nothing about the host.
             if ticket.probe:
                 with self._lock:
                     view.probing = False

@@ -37,8 +37,8 @@ import httpx2
 import openai
 from django.conf import settings
 
-from credentials.policy import base_url_problem
-from llm import errors, metrics
+from credentials.policy import site_base_url_problem
+from llm import egress, errors, metrics
 from llm.errors import CredentialUnavailable, LLMError
 from llm.routes import Route
 from platform_site.loops import at_loop_end
@@ -243,7 +243,7 @@ _cache = ClientCache(maxsize=settings.LLM_CLIENT_CACHE_SIZE)
 
 
 def _check_policy(route: Route) -> None:
-    problem = base_url_problem(route.base_url, allowed_hosts=settings.LLM_ALLOWED_BASE_URL_HOSTS)
+    problem = site_base_url_problem(route.base_url)
     if problem:
         who = f"credential {route.credential_title!r}" if route.credential_title else route.source
         raise CredentialUnavailable(
@@ -255,20 +255,42 @@ def _key(kind: str, route: Route, options: ClientOptions) -> tuple[Any, ...]:
     return (kind, route.base_url, fingerprint(route), options)
 
 
+def _limits(options: ClientOptions) -> httpx2.Limits:
+    # The SDK's pool sizes, and idle connections dropped before a proxy drops them.
+    return httpx2.Limits(
+        max_connections=1000, max_keepalive_connections=100, keepalive_expiry=options.keepalive
+    )
+
+
 def _http_options(options: ClientOptions) -> dict[str, Any]:
-    return {
-        "verify": shared_ssl_context(),
-        "timeout": options.httpx_timeout(),
-        "follow_redirects": False,
-        "trust_env": options.trust_env,
-        # The SDK's pool sizes, and idle connections dropped before a proxy drops them:
-        # both transports (httpx2's and aiohttp's) read keepalive_expiry.
-        "limits": httpx2.Limits(
-            max_connections=1000,
-            max_keepalive_connections=100,
-            keepalive_expiry=options.keepalive,
-        ),
-    }
+    return {"timeout": options.httpx_timeout(), "follow_redirects": False}
+
+
+# Connections go only to addresses the base-URL policy accepts, judged as they are
+# opened (llm.egress). With LLM_TRUST_ENV_PROXY the environment's proxy opens them, and
+# resolves the names: the transports are the SDK's own, and the egress proxy must judge.
+
+
+def _sync_http_client(options: ClientOptions) -> httpx2.Client:
+    if options.trust_env:
+        return openai.DefaultHttpx2Client(
+            **_http_options(options), verify=shared_ssl_context(), limits=_limits(options)
+        )
+    transport = egress.GuardedTransport(verify=shared_ssl_context(), limits=_limits(options))
+    return openai.DefaultHttpx2Client(
+        **_http_options(options), transport=transport, trust_env=False
+    )
+
+
+def _async_http_client(options: ClientOptions) -> httpx2.AsyncClient:
+    if options.trust_env:
+        return openai.DefaultAioHttpClient(
+            **_http_options(options), verify=shared_ssl_context(), limits=_limits(options)
+        )
+    transport = egress.async_transport(shared_ssl_context(), _limits(options))
+    return openai.DefaultAioHttpClient(
+        **_http_options(options), transport=transport, trust_env=False
+    )
 
 
 def _sdk_options(route: Route, options: ClientOptions) -> dict[str, Any]:
@@ -285,7 +307,7 @@ def _sync_entry(route: Route, options: ClientOptions, *, lease: bool) -> _Entry:
     def build() -> openai.OpenAI:
         return openai.OpenAI(
             **_sdk_options(route, options),
-            http_client=openai.DefaultHttpx2Client(**_http_options(options)),
+            http_client=_sync_http_client(options),
         )
 
     return _cache.acquire(_key("sync", route, options), route, build, lease=lease)
@@ -297,7 +319,7 @@ def _async_entry(route: Route, options: ClientOptions) -> _Entry:
     def build() -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
             **_sdk_options(route, options),
-            http_client=openai.DefaultAioHttpClient(**_http_options(options)),
+            http_client=_async_http_client(options),
         )
 
     key = (*_key("async", route, options), id(loop))
@@ -481,6 +503,9 @@ def translate(
 ) -> LLMError:
     """The LLMError for an exception the OpenAI SDK raised while calling `route`."""
     causes = list(_causes(error))
+    refused = next((cause for cause in causes if isinstance(cause, egress.EgressRefused)), None)
+    if refused is not None:
+        return errors.egress_refused(route, refused.host, refused.address, refused.problem)
     if any(isinstance(cause, TLS_ERRORS) for cause in causes):
         return errors.unreachable(route, "tls")
     if any(isinstance(cause, CONNECT_FAILURES) for cause in causes):

@@ -1,7 +1,8 @@
 """What can go wrong on the way to an LLM, as sentences a user can act on.
 
-Every error names the credential's title and the host (as configured, never a resolved
-address) and never the key. Each carries the HTTP status a view should answer with.
+Every error names the credential's title and the host (as configured; a resolved
+address only when the policy refused it) and never the key. Each carries the HTTP
+status a view should answer with.
 This module knows no SDK: the client lease (llm.clients) decides which of these an
 SDK exception is, in one place.
 """
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 CONNECTION_FAULTS = frozenset(
     {"refused", "dns", "tls", "timeout", "dropped", "connection", "bad_gateway", "circuit_open"}
 )
+# Faults where nothing was sent (the SDK could not encode the request; the transport
+# refused the address): they say nothing about the upstream, for the breaker or anyone.
+UNSENT_FAULTS = frozenset({"unsendable", "unavailable"})
 
 
 class LLMError(Exception):
@@ -39,6 +43,11 @@ class LLMError(Exception):
             self.status = status
         if fault is not None:
             self.fault = fault
+
+    @property
+    def sent(self) -> bool:
+        """The request left the process (whatever came back)."""
+        return self.fault not in UNSENT_FAULTS
 
     @property
     def connection_level(self) -> bool:
@@ -139,6 +148,16 @@ def unreachable(route: Route, fault: str) -> ProxyUnreachable:
         f"Could not connect to the LLM proxy at {route.host} ({UNREACHABLE[fault]}) for "
         f"{who(route)}. Is the proxy running? Try: curl {root}/health/liveliness",
         fault=fault,
+    )
+
+
+def egress_refused(route: Route, host: str, address: str, problem: str) -> CredentialUnavailable:
+    """The transport would not connect: `host` resolved to an `address` the base-URL
+    policy refuses (llm.egress). Nothing was sent; no fallback is tried."""
+    named = f"its host {host} resolves to {address}" if host != address else f"{host}"
+    return CredentialUnavailable(
+        f"The base URL of {who(route)} is refused: {named}. {problem} Nothing was sent.",
+        reason="base_url_refused",
     )
 
 

@@ -189,6 +189,9 @@ OPENAI_INTERNAL_BASE_URL = _base_url("OPENAI_INTERNAL_BASE_URL", OPENAI_BASE_URL
 CREDENTIALS_ENCRYPTION_KEYS = _list("CREDENTIALS_ENCRYPTION_KEYS")
 # Hosts a base URL may point at; empty allows any host the base-URL policy accepts.
 LLM_ALLOWED_BASE_URL_HOSTS = [host.lower() for host in _list("LLM_ALLOWED_BASE_URL_HOSTS")]
+# Refuse loopback, private, CGNAT, reserved and IPv6 ULA addresses too, at save and at
+# connect: for sites whose base URLs are all public (credentials.policy, llm.egress).
+LLM_BLOCK_PRIVATE_NETWORKS = _bool("LLM_BLOCK_PRIVATE_NETWORKS", False)
 
 LLM_TIMEOUT_SECONDS = _number("LLM_TIMEOUT_SECONDS", 60)
 LLM_CONNECT_TIMEOUT_SECONDS = _number("LLM_CONNECT_TIMEOUT_SECONDS", 5)
