@@ -132,4 +132,6 @@ ON_THE_LOOP: dict[str, str] = {
     "django.contrib.auth.middleware.AuthenticationMiddleware": f"{__name__}.Authentication",
     "django.contrib.messages.middleware.MessageMiddleware": f"{__name__}.Messages",
     "django.middleware.clickjacking.XFrameOptionsMiddleware": f"{__name__}.XFrameOptions",
+    # Async-capable already, and reads nothing unless a sign-in was refused: its own twin.
+    "axes.middleware.AxesMiddleware": "axes.middleware.AxesMiddleware",
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -220,12 +221,16 @@ if not PROMETHEUS_MULTIPROC_DIR:  # prometheus_client takes even an empty one as
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Django's admin, whose every ModelAdmin answers tampered requests without a 500.
+    "platform_site.admin_site.AdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    # Sign-in throttling (platform_site/throttle.py); its admin lists the locks. Before
+    # platform_site, whose admin.py mends axes' admin.
+    "axes",
     "platform_site",
     "credentials",
     "llm",
@@ -242,6 +247,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as axes asks: turns a refused sign-in into the lockout page. Async-capable
+    # already, so the ASGI chain uses it as it is.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "platform_site.urls"
@@ -308,7 +316,11 @@ CACHES = {"default": _cache(_str("CACHE_URL", "locmemcache://"))}
 # Sessions in the cache and the database, and the signed-in user from this process's
 # copies: an API request reads no database (platform_site/sessions.py, auth.py).
 SESSION_ENGINE = "platform_site.sessions"
-AUTHENTICATION_BACKENDS = ["platform_site.auth.CopiedUserBackend"]
+# The throttle first: it refuses a locked-out sign-in before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "platform_site.throttle.ThrottledSignInBackend",
+    "platform_site.auth.CopiedUserBackend",
+]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -316,6 +328,42 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+
+
+def _above_zero(name: str, default: float, *, integer: bool = False) -> float:
+    number = _number(name, default, integer=integer)
+    if number <= 0:
+        kind = "a whole number" if integer else "a number"
+        raise ImproperlyConfigured(f"Unexpected value {name}={_str(name)!r}: use {kind} above 0.")
+    return number
+
+
+# Sign-in throttling (django-axes; platform_site/throttle.py). Failures count per user
+# name and client address together: by user name alone, anyone could lock the admin out
+# from anywhere. Counted in the database, so every worker sees them; a success clears
+# them; an admin unlocks by deleting the attempt (admin, or `manage.py axes_reset`).
+AXES_FAILURE_LIMIT = int(_above_zero("LOGIN_FAILURE_LIMIT", 5, integer=True))
+AXES_COOLOFF_TIME = timedelta(minutes=_above_zero("LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_LOCKOUT_CALLABLE = "platform_site.throttle.lockout_response"
+# No start-up line on every command; failures are still logged (user and address masked:
+# the admin's *Access attempts* shows them).
+AXES_VERBOSE = False
+# The client is REMOTE_ADDR (uvicorn sets it from X-Forwarded-For of FORWARDED_ALLOW_IPS);
+# X-Forwarded-For itself counts only from these proxies: anyone can write it.
+AXES_CLIENT_IP_CALLABLE = "platform_site.throttle.client_ip"
+# The user name as axes stores it: cut to its column (a longer one typed into a sign-in
+# form, which Django does not limit, made PostgreSQL refuse the failure record).
+AXES_USERNAME_CALLABLE = "platform_site.throttle.username"
+LOGIN_TRUSTED_PROXIES = _networks("LOGIN_TRUSTED_PROXIES", "")
+
+# Error reports (the debug page, e-mails to ADMINS) hide keys and secret settings
+# whatever DEBUG says: Django's own filter does nothing under DEBUG=true.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "platform_site.errors.SecretsFilter"
+DEFAULT_EXCEPTION_REPORTER = "platform_site.errors.SecretsReporter"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = _str("TIME_ZONE", "UTC")
