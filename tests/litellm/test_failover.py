@@ -67,7 +67,11 @@ def test_a_killed_proxy_fails_over_without_a_failed_call_and_traffic_returns(
             return "done" in marks
 
         async def kill_then_restart() -> None:
-            await asyncio.sleep(1.0)
+            # Killed once calls are going through it (a first call through a cold proxy
+            # can take seconds on a busy machine), and a little more.
+            while not any(o.served_by == "proxy" for o in outcomes):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
             marks["killed"] = time.monotonic()
             proxy.kill()
             await asyncio.sleep(2.0)
