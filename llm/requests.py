@@ -32,6 +32,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 PURPOSES = ("chat", "code", "embeddings")
 # At most this many problems of one field are named: a body may hold thousands.
 MAX_SENTENCES = 10
+# Values (array items and object members, at any depth) a body may hold: ten times what
+# the largest legitimate request needs (MAX_INPUTS texts; MAX_MESSAGES messages of a few
+# parts). The check below walks every value on the event loop, so this bounds its time
+# (a megabyte of empty arrays is 350,000 values: 0.3 s unbounded, refused at once here).
+MAX_VALUES = 20_000
 
 
 TOO_BIG = f"The request body is larger than {MAX_BODY_BYTES // 1024} KB."
@@ -44,6 +49,10 @@ NOT_A_NUMBER = (
     "The request body is not valid JSON: NaN, Infinity and -Infinity are not JSON numbers."
 )
 NOT_AN_OBJECT = "The request body must be a JSON object."
+TOO_MANY_VALUES = (
+    f"The request body holds too many values: at most {MAX_VALUES:,} array items and "
+    "object members in all are accepted."
+)
 CONTROL_CHARACTERS = (
     "no control or formatting characters (such as NUL, a line break or a direction mark)"
 )
@@ -138,17 +147,21 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 def _problems(data: Any) -> dict[str, list[str]]:
     """Text that cannot be sent and numbers too large, by top-level field; raises when
-    `data` nests deeper than MAX_DEPTH. Iterative (nesting never costs the stack), and a
-    path is only spelled out for a problem."""
+    `data` nests deeper than MAX_DEPTH or holds more than MAX_VALUES values. Iterative
+    (nesting never costs the stack), and a path is only spelled out for a problem."""
     problems: dict[str, list[str]] = {}
     if not isinstance(data, dict | list):
         return problems
     # Containers to read: (container, its depth, its top-level field, its path).
     stack: list[tuple[Any, int, str, tuple[str | int, ...]]] = [(data, 1, "", ())]
+    values = 0
     while stack:
         container, depth, name, path = stack.pop()
         if depth > MAX_DEPTH:
             raise InvalidRequest(TOO_DEEP)
+        values += len(container)
+        if values > MAX_VALUES:
+            raise InvalidRequest(TOO_MANY_VALUES)
         inner: list[tuple[Any, int, str, tuple[str | int, ...]]] = []
         items: Iterable[tuple[str | int, Any]]
         if isinstance(container, dict):

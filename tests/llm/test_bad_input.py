@@ -139,6 +139,40 @@ def test_json_nested_as_deep_as_allowed_is_read(api, global_route, logs, url):
     assert list(response.json()["error"]["fields"]) == ["extra"]  # an unknown field
 
 
+@pytest.mark.parametrize("url", POSTS)
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param("[" + ",".join(["[]"] * 300_000) + "]", id="a megabyte of empty arrays"),
+        pytest.param("[" + ",".join(["1"] * 250_000) + "]", id="a megabyte of numbers"),
+        pytest.param("[" + ",".join(['{"a":[1,2]}'] * 7_000) + "]", id="spread over small objects"),
+    ],
+)
+def test_a_body_holding_too_many_values_answers_400(api, global_route, logs, url, values):
+    """Every value of a body is checked on the event loop: their number is bounded, so one
+    request cannot hold up the others for long."""
+    raw = json.dumps(body_for(url))[:-1] + ', "extra": ' + values + "}"
+
+    response = post_raw(api, url, raw)
+
+    assert_refused(response, logs, global_route, sentence="too many values")
+
+
+@pytest.mark.parametrize("url", POSTS)
+def test_a_large_legitimate_body_is_not_too_many_values(api, global_route, logs, url):
+    """The largest requests the API takes (2,048 texts to embed; 256 messages) pass."""
+    if url == "/api/llm/embeddings":
+        body = body_for(url, input=[f"text {n}" for n in range(2048)])
+    elif url == "/api/llm/chat":
+        body = body_for(url, messages=[{"role": "user", "content": f"m{n}"} for n in range(256)])
+    else:
+        body = body_for(url, prompt="p " * 10_000)
+
+    response = post_raw(api, url, json.dumps(body))
+
+    assert response.status_code == 200, response.content[:500]
+
+
 # ---- text that cannot be sent ------------------------------------------------------------
 
 LONE = "\\ud800"  # as JSON escapes it: decodes into a lone surrogate

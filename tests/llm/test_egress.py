@@ -408,23 +408,28 @@ def test_the_matrix_is_as_large_as_promised():
 
 
 @pytest.mark.django_db
-def test_a_refusal_says_nothing_about_the_proxy_to_its_breaker(connects):
-    """A refused address is not a proxy that failed, nor one that answered: the
-    failure streak of the base URL's breaker is left as it was, and no fallback runs."""
+def test_a_refusal_says_nothing_about_the_proxy_to_its_breaker(connects, settings):
+    """A refused address is not a proxy that failed, nor one that answered: a refusal
+    between two connection failures neither breaks their streak nor counts in it."""
     from llm.breaker import breakers
 
+    settings.LLM_BREAKER_FAILURES = 2
+    reachable = dns({"team-proxy.example": ["127.0.0.1"]})
     with DeadPort() as dead:
         url = f"http://team-proxy.example:{dead.port}/v1"
         credential = APIKeyCredentials(title="Team proxy", api_key=FAKE_KEY, base_url=url)
         credential.save()
-        with (
-            egress.using_resolver(dns({"team-proxy.example": ["127.0.0.1"]})),
-            pytest.raises(LLMError) as dropped,
-        ):
-            call(credential)
-        assert dropped.value.connection_level
-        assert breakers.status(url).failures == 1
+
+        def dropped() -> None:
+            with egress.using_resolver(reachable), pytest.raises(LLMError) as failed:
+                call(credential)
+            assert failed.value.connection_level
+
+        dropped()
+        assert breakers.state(url) == "closed"
         connects.clear()
         with egress.using_resolver(dns({"team-proxy.example": ["169.254.169.254"]})):
             assert_refused_at_connect(credential, connects)
-        assert breakers.status(url).failures == 1
+        assert breakers.state(url) == "closed"
+        dropped()
+        assert breakers.state(url) == "open"  # two failures in a row
