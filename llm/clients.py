@@ -29,13 +29,14 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import aiohttp
 import httpx2
 import openai
 from django.conf import settings
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
 
 from credentials.policy import site_base_url_problem
 from llm import egress, errors, metrics
@@ -287,7 +288,12 @@ def _async_http_client(options: ClientOptions) -> httpx2.AsyncClient:
         return openai.DefaultAioHttpClient(
             **_http_options(options), verify=shared_ssl_context(), limits=_limits(options)
         )
-    transport = egress.async_transport(shared_ssl_context(), _limits(options))
+    context, limits = shared_ssl_context(), _limits(options)
+    transport = AiohttpTransport(
+        verify=context,
+        limits=limits,
+        client=partial(egress.aiohttp_session, context, limits),
+    )
     return openai.DefaultAioHttpClient(
         **_http_options(options), transport=transport, trust_env=False
     )

@@ -10,9 +10,12 @@ verifies the certificate against the host name, not the address.
 
 - sync clients (httpx2): `GuardedTransport`, whose connection pool opens connections
   through `GuardedBackend`;
-- async clients (the SDK's aiohttp transport): a `TCPConnector` with `GuardedResolver`
-  (aiohttp connects to the addresses its resolver returns; its DNS cache keeps only
-  addresses that were judged).
+- async clients (the SDK's aiohttp transport, built in llm.clients): a session whose
+  `TCPConnector` has `GuardedResolver` (aiohttp connects to the addresses its resolver
+  returns; its DNS cache keeps only addresses that were judged).
+
+It imports the HTTP libraries, never the OpenAI SDK: llm.clients stays the one module
+that does.
 
 Name resolution goes through one hook, `resolver` (the system's getaddrinfo by default),
 which tests replace with `using_resolver` to drive answers a real DNS server would
@@ -25,7 +28,6 @@ the CredentialUnavailable that names the host and the address.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 import ssl
@@ -39,7 +41,6 @@ import httpx2
 from aiohttp.abc import AbstractResolver, ResolveResult
 from django.conf import settings
 from httpcore2._backends.sync import SyncBackend
-from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
 
 from credentials.policy import IPAddress, address_problem, parse_ip
 
@@ -182,7 +183,9 @@ class GuardedResolver(AbstractResolver):
         pass
 
 
-def _aiohttp_session(ssl_context: ssl.SSLContext, limits: httpx2.Limits) -> aiohttp.ClientSession:
+def aiohttp_session(ssl_context: ssl.SSLContext, limits: httpx2.Limits) -> aiohttp.ClientSession:
+    """A session whose connector resolves with `GuardedResolver` (made on its event loop:
+    llm.clients hands this to the SDK's aiohttp transport, which calls it on first use)."""
     connector = aiohttp.TCPConnector(
         resolver=GuardedResolver(),
         ssl=ssl_context,
@@ -190,13 +193,3 @@ def _aiohttp_session(ssl_context: ssl.SSLContext, limits: httpx2.Limits) -> aioh
         limit=limits.max_connections or 0,
     )
     return aiohttp.ClientSession(connector=connector)
-
-
-def async_transport(ssl_context: ssl.SSLContext, limits: httpx2.Limits) -> AiohttpTransport:
-    """The SDK's aiohttp transport, on a session made (on first use, on the client's event
-    loop) with `GuardedResolver`."""
-    return AiohttpTransport(
-        verify=ssl_context,
-        limits=limits,
-        client=functools.partial(_aiohttp_session, ssl_context, limits),
-    )
