@@ -26,7 +26,7 @@ from tests.upstream import Upstream, free_port
 PROJECT = Path(__file__).resolve().parent.parent
 # Obviously fake keys; never real ones.
 FAKE_KEY = "sk-test-fake-Zq9xLmN0pQrS7tUv"
-GLOBAL_KEY = "sk-test-fake-global-default-0000"
+GLOBAL_KEY = "sk-test-fake-global-default-Qgbl"
 TEST_FERNET_KEY = settings.CREDENTIALS_ENCRYPTION_KEYS[0]
 
 

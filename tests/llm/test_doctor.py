@@ -15,7 +15,7 @@ from llm import doctor
 from tests.conftest import FAKE_KEY, GLOBAL_KEY, database_url, run_manage, subprocess_env
 from tests.upstream import Upstream, free_port
 
-KEYS = (FAKE_KEY, GLOBAL_KEY, "sk-test-fake-failover-1111")
+KEYS = (FAKE_KEY, GLOBAL_KEY, "sk-test-fake-failover-Qfov")  # hints no port number can hold
 FIELDS = {
     "label",
     "source",
