@@ -232,3 +232,57 @@ class BaseURLField(models.CharField[str, str]):
     def to_python(self, value: Any) -> Any:
         value = super().to_python(value)
         return normalize_base_url(value) if isinstance(value, str) else value
+
+
+MODEL_NAME_LENGTH = 200
+# What a model name or pattern may not hold: spaces, commas (the list's separators) and
+# control characters.
+_NOT_IN_A_NAME = re.compile(r"[\s,\x00-\x1f\x7f]")
+
+
+def model_names(text: str) -> list[str]:
+    """Names and patterns from text, one per line or separated by commas; in order, once."""
+    return list(dict.fromkeys(name.strip() for name in re.split(r"[\n,]", text) if name.strip()))
+
+
+class ModelListFormField(forms.CharField):
+    """Model names and `*` patterns in a text box, one per line (or separated by commas)."""
+
+    widget = forms.Textarea(attrs={"rows": 4, "cols": 40, "spellcheck": "false"})
+
+    def prepare_value(self, value: Any) -> Any:
+        return "\n".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        if isinstance(value, list):
+            return value
+        names = model_names(super().to_python(value) or "")
+        bad = [name for name in names if _NOT_IN_A_NAME.search(name)]
+        if bad:
+            raise ValidationError(
+                f"Not a model name: {bad[0]!r}. Write one name or pattern per line, without "
+                "spaces or control characters."
+            )
+        if long := [name for name in names if len(name) > MODEL_NAME_LENGTH]:
+            raise ValidationError(
+                f"A model name is at most {MODEL_NAME_LENGTH} characters: {long[0][:40]!r}... "
+                "is longer."
+            )
+        return names
+
+
+class ModelListField(models.JSONField):
+    """A list of model names and `*` patterns (credentials' allow-lists); [] when empty."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("default", list)
+        super().__init__(*args, **kwargs)
+
+    def validate(self, value: Any, model_instance: Any) -> None:
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise ValidationError("A list of model names.")
+        super().validate(value, model_instance)
+
+    def formfield(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        # Field's own formfield: JSONField's would give a JSON text box.
+        return models.Field.formfield(self, **{"form_class": ModelListFormField, **kwargs})

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import functools
+import re
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from credentials.fields import BaseURLField, EncryptedKeyField, is_new_key
+from credentials.fields import BaseURLField, EncryptedKeyField, ModelListField, is_new_key
 from credentials.policy import normalize_base_url, validate_base_url
 
 BASE_URL_NEEDS_KEY = (
@@ -21,6 +24,18 @@ BASE_URL_IN_BULK = (
     "API key is bound to it. Save each credential instead, with its key entered again: "
     "credential.base_url = ...; credential.api_key = ...; credential.save()."
 )
+
+
+@functools.lru_cache(maxsize=1024)
+def model_matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """A test of a model name against names and `*` patterns (`*`: any characters,
+    `/` included; everything else literal, case included, as LiteLLM compares names)."""
+    exact = frozenset(p for p in patterns if "*" not in p)
+    wild = [p for p in patterns if "*" in p]
+    if not wild:
+        return exact.__contains__
+    regex = re.compile("|".join(".*".join(map(re.escape, p.split("*"))) for p in wild))
+    return lambda model: model in exact or regex.fullmatch(model) is not None
 
 
 class Platform:
@@ -150,6 +165,45 @@ class APIKeyCredentials(models.Model):
         related_name="fallback_for",
         help_text="Used when this credential's proxy is down.",
     )
+    allowed_models = ModelListField(
+        "allowed models",
+        blank=True,
+        help_text="The models this credential may use: exact names, or patterns with * "
+        "(gpt-4o*, openai/*). Empty: any model.",
+    )
+    # Spend and rate limits: empty means no limit. Budgets are per calendar month (UTC).
+    monthly_budget_usd = models.DecimalField(
+        "monthly budget (USD)",
+        max_digits=14,
+        decimal_places=8,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="What calls with this credential may cost per calendar month (UTC), "
+        "all users together. Empty: no budget.",
+    )
+    user_monthly_budget_usd = models.DecimalField(
+        "monthly cap per user (USD)",
+        max_digits=14,
+        decimal_places=8,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="What each user may spend with this credential per calendar month (UTC). "
+        "Empty: no cap per user.",
+    )
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="All users together. Empty: no limit."
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="All users together. Empty: no limit."
+    )
+    user_requests_per_minute = models.PositiveIntegerField(
+        "requests per minute per user", null=True, blank=True, help_text="Empty: no limit."
+    )
+    user_tokens_per_minute = models.PositiveIntegerField(
+        "tokens per minute per user", null=True, blank=True, help_text="Empty: no limit."
+    )
     is_active = models.BooleanField("active", default=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -266,6 +320,27 @@ class APIKeyCredentials(models.Model):
         if normalize_base_url(self.base_url) == normalize_base_url(stored):
             return False
         return not (key_written and is_new_key(self.__dict__.get("api_key")))
+
+    def allows_model(self, model: str) -> bool:
+        """Whether `model` is on the allow-list (an empty list allows any model)."""
+        return not self.allowed_models or model_matcher(tuple(self.allowed_models))(model)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.monthly_budget_usd is not None or self.user_monthly_budget_usd is not None
+
+    @property
+    def has_limits(self) -> bool:
+        """Whether a call with this credential is checked against a budget or a rate."""
+        return self.has_budget or any(
+            limit is not None
+            for limit in (
+                self.requests_per_minute,
+                self.tokens_per_minute,
+                self.user_requests_per_minute,
+                self.user_tokens_per_minute,
+            )
+        )
 
     @property
     def effective_base_url(self) -> str:

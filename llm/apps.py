@@ -18,6 +18,8 @@ class LlmConfig(AppConfig):
         from credentials.signals import credentials_rotated
         from llm import clients
         from llm.checks import check_failover_route
+        from llm.models import ModelPrice
+        from platform_site import copies
 
         checks.register(check_failover_route)
 
@@ -32,6 +34,11 @@ class LlmConfig(AppConfig):
             if setting.startswith(("LLM_", "OPENAI_", "CREDENTIALS_")):
                 clients.evict()
 
+        def prices_changed(sender: Any, **kwargs: Any) -> None:
+            copies.bump()  # every worker reloads its price table (llm.prices)
+
+        post_save.connect(prices_changed, sender=ModelPrice, weak=False)
+        post_delete.connect(prices_changed, sender=ModelPrice, weak=False)
         post_save.connect(evict_credential, sender=APIKeyCredentials, weak=False)
         post_delete.connect(evict_credential, sender=APIKeyCredentials, weak=False)
         credentials_rotated.connect(evict_rotated, weak=False)

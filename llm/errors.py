@@ -24,7 +24,9 @@ CONNECTION_FAULTS = frozenset(
 )
 # Faults where nothing was sent (the SDK could not encode the request; the transport
 # refused the address): they say nothing about the upstream, for the breaker or anyone.
-UNSENT_FAULTS = frozenset({"unsendable", "unavailable"})
+# Refusals of the platform's own limits (llm.limits) are among them: no request left.
+REFUSED_HERE = frozenset({"not_allowed", "over_budget", "limited"})
+UNSENT_FAULTS = frozenset({"unsendable", "unavailable"}) | REFUSED_HERE
 
 
 class LLMError(Exception):
@@ -98,9 +100,18 @@ class RateLimited(LLMError):
     status = 429
     fault = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, fault: str | None = None
+    ) -> None:
+        super().__init__(message, fault=fault)
         self.retry_after = retry_after
+
+
+class BudgetExceeded(LLMError):
+    """The credential, or the user on it, spent its monthly budget (llm.limits)."""
+
+    status = 402
+    fault = "over_budget"
 
 
 class ModelNotFound(LLMError):
@@ -270,6 +281,16 @@ def answered(
     return UpstreamError(
         f"The LLM proxy at {host} answered {status} to {who(route)}. Check the proxy's logs.{said}",
         fault="bad_request" if 400 <= status < 500 else "upstream",
+    )
+
+
+def model_not_allowed(title: str, model: str, allowed: list[str]) -> ModelNotAllowed:
+    """The credential's allow-list has no `model`: refused before anything was sent."""
+    return ModelNotAllowed(
+        f"Credential {title!r} may not use the model {model!r}: it allows "
+        f"{', '.join(allowed)}. Choose one of those, or ask an admin to add the model to "
+        "the credential's allowed models.",
+        fault="not_allowed",
     )
 
 

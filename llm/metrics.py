@@ -121,7 +121,8 @@ TOKENS = Counter(
 )
 COST = Counter(
     "keyroute_llm_cost_usd",
-    "Cost in USD the proxy reported, by credential id (none: the global default).",
+    "Cost in USD of the calls (the upstream's, else the price table's), by the id of the "
+    "credential that paid (none: the global default).",
     ["credential"],
 )
 FAILOVERS = Counter(
@@ -163,6 +164,36 @@ USAGE_RECORDS_UNSTORABLE = Counter(
     "Usage records dropped because the database refused them, by the error's class "
     "(the rest of their batch was written; the log says which record and why).",
     ["reason"],
+)
+
+# Spend control (llm.limits). The spend gauges show the shared counters as the worker
+# that last charged a call (or reconciled) saw them: the most recent value wins.
+CREDENTIAL_SPEND = Gauge(
+    "keyroute_credential_spend_usd",
+    "Spend this calendar month (UTC) of each credential with a budget, by credential id.",
+    ["credential"],
+    multiprocess_mode="mostrecent",
+)
+CREDENTIAL_BUDGET_REMAINING = Gauge(
+    "keyroute_credential_budget_remaining_usd",
+    "What is left this month of each credential's monthly budget, by credential id.",
+    ["credential"],
+    multiprocess_mode="mostrecent",
+)
+BUDGET_WARNINGS = Counter(
+    "keyroute_budget_warnings",
+    "Spend crossed LLM_BUDGET_WARNING_PERCENT of a budget, by credential id and whose "
+    "budget (credential, or a user's cap on it).",
+    ["credential", "budget"],
+)
+LIMIT_REFUSALS = Counter(
+    "keyroute_limit_refusals",
+    "Calls refused before they were sent, by limit (model, budget, tokens, requests).",
+    ["limit"],
+)
+LIMITS_UNSHARED = Counter(
+    "keyroute_limits_unshared",
+    "Limit checks counted by this process alone because the shared cache did not answer.",
 )
 
 BREAKER_LEVELS = {"closed": 0, "half-open": 1, "open": 2}
@@ -282,6 +313,37 @@ def usage_unstorable(*, reason: str) -> None:
         USAGE_RECORDS_UNSTORABLE.labels(reason).inc()
     except Exception:
         _failed("usage_unstorable")
+
+
+def credential_spend(*, credential_id: str, spent: float, budget: float | None) -> None:
+    """A credential's spend this month is `spent` (of `budget`, if it has one)."""
+    try:
+        CREDENTIAL_SPEND.labels(credential_id).set(spent)
+        if budget is not None:
+            CREDENTIAL_BUDGET_REMAINING.labels(credential_id).set(max(0.0, budget - spent))
+    except Exception:
+        _failed("credential_spend")
+
+
+def budget_warning(*, credential_id: str, per_user: bool) -> None:
+    try:
+        BUDGET_WARNINGS.labels(credential_id, "user" if per_user else "credential").inc()
+    except Exception:
+        _failed("budget_warning")
+
+
+def limit_refused(*, kind: str) -> None:
+    try:
+        LIMIT_REFUSALS.labels(kind).inc()
+    except Exception:
+        _failed("limit_refused")
+
+
+def limits_unshared() -> None:
+    try:
+        LIMITS_UNSHARED.inc()
+    except Exception:
+        _failed("limits_unshared")
 
 
 # ---- dead workers ----------------------------------------------------------------------

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
+from credentials.models import Provider
 from llm.routes import PURPOSES
+
+
+class CostSource(models.TextChoices):
+    HEADER = "header", "the upstream (x-litellm-response-cost or usage.cost)"
+    PRICE_TABLE = "price_table", "the price table"
+    NONE = "none", "none"
 
 
 class UsageRecord(models.Model):
@@ -64,6 +72,13 @@ class UsageRecord(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     total_tokens = models.PositiveIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    cost_source = models.CharField(
+        max_length=20,
+        choices=CostSource.choices,
+        default=CostSource.NONE,
+        db_default=CostSource.NONE,
+        help_text="Where the cost came from. None with tokens: the model has no price.",
+    )
     latency_ms = models.FloatField(default=0)
     outcome = models.CharField(max_length=40, default="ok", help_text="ok, or the error's class")
     failed_over = models.BooleanField(
@@ -80,6 +95,50 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.purpose} {self.model} via {self.route_host or '?'}: {self.outcome}"
+
+
+class ModelPrice(models.Model):
+    """What a model costs, for calls whose answer carries no cost (llm.prices).
+
+    `model` is a name or a pattern with `*`; an empty `provider` applies to every
+    credential, a provider to that provider's credentials only (and wins over it).
+    """
+
+    model = models.CharField(
+        max_length=200,
+        help_text="A model name as the calls name it (gpt-4o-mini), or a pattern with * "
+        "(gpt-4o*, anthropic/*).",
+    )
+    provider = models.CharField(
+        max_length=20,
+        choices=Provider.choices,
+        blank=True,
+        help_text="Only for credentials of this provider. Empty: any credential.",
+    )
+    input_usd_per_million = models.DecimalField(
+        "input (USD per 1M tokens)",
+        max_digits=14,
+        decimal_places=6,
+        validators=[MinValueValidator(0)],
+    )
+    output_usd_per_million = models.DecimalField(
+        "output (USD per 1M tokens)",
+        max_digits=14,
+        decimal_places=6,
+        validators=[MinValueValidator(0)],
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model", "provider"]
+        verbose_name = "model price"
+        constraints = [
+            models.UniqueConstraint(fields=["model", "provider"], name="llm_one_price_per_model")
+        ]
+
+    def __str__(self) -> str:
+        where = f" ({self.get_provider_display()})" if self.provider else ""
+        return f"{self.model}{where}"
 
 
 class PlaygroundChoice(models.Model):

@@ -28,10 +28,11 @@ from urllib.parse import urlsplit
 
 from credentials.models import PLATFORM, APIKeyCredentials
 from credentials.selectors import acredential
-from llm import clients, errors, metrics
+from llm import clients, errors, limits, metrics, prices
 from llm import usage as usage_records
 from llm.breaker import Ask, Ticket, breakers
 from llm.errors import LLMError, reading_answer
+from llm.models import CostSource
 from llm.routes import (
     MAX_FALLBACK_HOPS,
     Purpose,
@@ -89,6 +90,7 @@ class ChatResult:
     usage: Usage
     route: RouteInfo
     cost_usd: float | None = None
+    cost_source: str = CostSource.NONE  # llm.prices: "header", "price_table" or "none"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class EmbeddingResult:
     usage: Usage
     route: RouteInfo
     cost_usd: float | None = None
+    cost_source: str = CostSource.NONE
 
 
 @dataclass(frozen=True)
@@ -397,9 +400,11 @@ async def _atickets(routes: _Routes) -> AsyncGenerator[tuple[Route, Ticket]]:
 class _Call:
     """One call's bookkeeping, for sync, async and streaming calls alike.
 
-    Entering resolves the chosen route and starts the clock; leaving writes the usage
-    record with the outcome ("ok", the error's class, or "Cancelled": the caller went
-    away), the route that served and whether that was a failover.
+    Entering resolves the chosen route, checks the credential's limits (llm.limits:
+    a refusal is raised before anything is sent) and starts the clock; leaving counts
+    the call against those limits and writes the usage record with the outcome ("ok",
+    the error's class, or "Cancelled": the caller went away), the route that served,
+    whether that was a failover, and the cost (llm.prices: `priced`).
     """
 
     def __init__(
@@ -408,27 +413,60 @@ class _Call:
         self.purpose, self.model, self.credential, self.user = purpose, model, credential, user
         self.routes: _Routes | None = None
         self.result: ChatResult | EmbeddingResult | None = None
+        self.admission: limits.Admission | None = None
         self.started = time.perf_counter()
 
     def __enter__(self) -> _Routes:
         try:
-            return self._resolve()
+            routes = self._resolve()
+            self.admission = limits.admit(self.credential, self.user, self.model)
+            return routes
         except LLMError as error:
             self.__exit__(type(error), error, None)
             raise
 
     def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         usage_records.record(**self._finish(error))
+        limits.charge(self.admission, self._cost(), self._tokens())
 
     async def __aenter__(self) -> _Routes:
         try:
-            return self._resolve()
+            routes = self._resolve()
+            self.admission = await limits.aadmit(self.credential, self.user, self.model)
+            return routes
         except LLMError as error:
             await self.__aexit__(type(error), error, None)
             raise
 
     async def __aexit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         await usage_records.arecord(**self._finish(error))
+        await limits.acharge(self.admission, self._cost(), self._tokens())
+
+    def _cost(self) -> float | None:
+        return self.result.cost_usd if self.result else None
+
+    def _tokens(self) -> int:
+        return self.result.usage.total_tokens if self.result else 0
+
+    def priced(self, result: R) -> R:
+        """`result` with its cost: the answer's own, else from the price table."""
+        if prices.answered(result.cost_usd, _tokens(result)):
+            return replace(result, cost_source=CostSource.HEADER)
+        return self._from_table(result, prices.table())
+
+    async def apriced(self, result: R) -> R:
+        if prices.answered(result.cost_usd, _tokens(result)):
+            return replace(result, cost_source=CostSource.HEADER)
+        return self._from_table(result, await prices.atable())
+
+    def _from_table(self, result: R, table: prices.PriceTable) -> R:
+        cost, source = prices.cost_of(
+            table,
+            models=(result.model, self.model),
+            provider=self.credential.provider if self.credential else None,
+            tokens=_tokens(result),
+        )
+        return replace(result, cost_usd=cost, cost_source=source)
 
     def _resolve(self) -> _Routes:
         primary = resolve_route(self.purpose, self.credential, user=self.user)
@@ -485,9 +523,14 @@ class _Call:
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
             "cost_usd": usage_records.as_decimal(result.cost_usd if result else None),
+            "cost_source": result.cost_source if result else CostSource.NONE,
             "latency_ms": (time.perf_counter() - self.started) * 1000,
             "outcome": outcome,
         }
+
+
+def _tokens(result: ChatResult | EmbeddingResult) -> tuple[int, int]:
+    return result.usage.prompt_tokens, result.usage.completion_tokens
 
 
 def _run(call: _Call, send: Callable[[Any], Any], read: Callable[[Any, Route], R]) -> R:
@@ -503,7 +546,7 @@ def _run(call: _Call, send: Callable[[Any], Any], read: Callable[[Any, Route], R
                 if error.connection_level:
                     continue
                 raise
-            call.result = result = routes.info(result, route)
+            call.result = result = routes.info(call.priced(result), route)
             return result
         raise routes.error()
 
@@ -521,7 +564,7 @@ async def _arun(
                 if error.connection_level:
                     continue
                 raise
-            call.result = result = routes.info(result, route)
+            call.result = result = routes.info(await call.apriced(result), route)
             return result
         raise routes.error()
 
@@ -600,7 +643,7 @@ async def astream_chat(
                         yield text
                     with reading_answer(route):
                         piece = await anext(stream.chunks, None)
-            call.result = result = routes.info(answer.result(), route)
+            call.result = result = routes.info(await call.apriced(answer.result()), route)
             yield result
             return
         raise routes.error()
@@ -695,29 +738,35 @@ def model_ids(page: Any) -> list[str]:
     return sorted(ids)
 
 
-def _model_list(page: Any, route: Route, started: float) -> ModelList:
+def _model_list(
+    page: Any, route: Route, started: float, credential: APIKeyCredentials | None = None
+) -> ModelList:
+    """The models of a GET /models answer; with `credential`, those its allow-list allows."""
     with reading_answer(route):
         models = model_ids(page)
+    if credential is not None and credential.allowed_models:
+        models = [name for name in models if credential.allows_model(name)]
     latency = (time.perf_counter() - started) * 1000
     return ModelList(models=models, latency_ms=latency, route=_info(route))
 
 
 def list_models(*, credential: APIKeyCredentials | None = None, user: Any = None) -> ModelList:
-    """GET {base}/models with the credential's key. Listing models is not a use of the
-    credential: it writes no usage record, and it does not fail over (the list is the
-    credential's own), but it respects the route's circuit breaker."""
+    """GET {base}/models with the credential's key, filtered by its allowed models.
+    Listing models is not a use of the credential: it writes no usage record, counts
+    against no limit, and it does not fail over (the list is the credential's own), but
+    it respects the route's circuit breaker."""
     routes = _Routes("chat", resolve_route("chat", credential, user=user), None, fail_over=False)
     started = time.perf_counter()
     for route, ticket in _tickets(routes):
         with routes.attempt(route, ticket), clients.lease(route) as client:
-            return _model_list(client.models.list(), route, started)
+            return _model_list(client.models.list(), route, started, credential)
     raise routes.error()
 
 
 async def alist_models(
     *, credential: APIKeyCredentials | None = None, user: Any = None
 ) -> ModelList:
-    """The models the credential's key may use (the playground's suggestions)."""
+    """The models the credential may use (the playground's suggestions)."""
     routes = _Routes("chat", resolve_route("chat", credential, user=user), None, fail_over=False)
     started = time.perf_counter()
     async with aclosing(_atickets(routes)) as tickets:
@@ -725,7 +774,7 @@ async def alist_models(
             with routes.attempt(route, ticket):
                 async with clients.alease(route) as client:
                     page = await client.models.list()
-            return _model_list(page, route, started)
+            return _model_list(page, route, started, credential)
     raise routes.error()
 
 

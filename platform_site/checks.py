@@ -17,7 +17,8 @@ def check_shared_cache(app_configs: Any, **kwargs: Any) -> list[checks.CheckMess
         checks.Warning(
             f"CACHE_URL is local memory, and WEB_CONCURRENCY={workers} workers each have "
             "their own: a changed user or credential reaches the other workers only within "
-            "a minute, and a sign-out not until the session expires.",
+            "a minute, a sign-out not until the session expires, and each worker admits "
+            "a credential's full rate limit (llm.limits).",
             hint="Share Redis between them (CACHE_URL=redis://HOST:6379/0), or run one worker.",
             id="platform_site.W001",
         )

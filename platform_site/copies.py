@@ -124,6 +124,20 @@ class LocalCopies(Generic[K, V]):
             return copy.copy(kept.value)
         return copy.copy(await self._load_once(key, stamp))
 
+    def get(self, key: K) -> V | None:
+        """`aget` for sync code: the stamp read and a miss loaded in the caller's thread."""
+        try:
+            stamp = cache.get(STAMP)
+        except Exception:
+            stamp = None  # the cache failed: no copy is trusted
+        kept = self._copies.get(key)
+        if kept is not None and kept.stamp == stamp and kept.until > time.monotonic():
+            return copy.copy(kept.value)
+        value = self._load(key)
+        if stamp is not None:
+            self._keep(key, stamp, value)
+        return copy.copy(value)
+
     async def _load_once(self, key: K, stamp: int | None) -> V | None:
         loop = asyncio.get_running_loop()
         load = self._loads.get((loop, key))
@@ -138,12 +152,15 @@ class LocalCopies(Generic[K, V]):
         # The database, in the thread of the request that missed first (never a shared one).
         value = await sync_to_async(self._load)(key)
         if stamp is not None:
-            with self._lock:
-                self._copies.pop(key, None)
-                self._copies[key] = _Copy(stamp, time.monotonic() + MAX_AGE, value)
-                if len(self._copies) > MAX_COPIES:
-                    del self._copies[next(iter(self._copies))]
+            self._keep(key, stamp, value)
         return value
+
+    def _keep(self, key: K, stamp: int, value: V | None) -> None:
+        with self._lock:
+            self._copies.pop(key, None)
+            self._copies[key] = _Copy(stamp, time.monotonic() + MAX_AGE, value)
+            if len(self._copies) > MAX_COPIES:
+                del self._copies[next(iter(self._copies))]
 
     def _forget(self, loop: asyncio.AbstractEventLoop, key: K, load: _Load[V]) -> None:
         if self._loads.get((loop, key)) is load:

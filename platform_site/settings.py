@@ -211,6 +211,11 @@ LLM_FAILOVER_API_KEY = _str("LLM_FAILOVER_API_KEY")
 LLM_BREAKER_FAILURES = max(0, int(_number("LLM_BREAKER_FAILURES", 3, integer=True)))
 LLM_BREAKER_COOLDOWN_SECONDS = _number("LLM_BREAKER_COOLDOWN_SECONDS", 30)
 LLM_BREAKER_REFRESH_SECONDS = _number("LLM_BREAKER_REFRESH_SECONDS", 1)
+# Spend control (llm.limits): how often a serving process brings the shared spend counters
+# up to the usage records (0: never; `manage.py reconcile_spend` does it by hand), and the
+# share of a budget at which a warning is logged and counted (0: no warning).
+LLM_SPEND_RECONCILE_SECONDS = max(0.0, _number("LLM_SPEND_RECONCILE_SECONDS", 300))
+LLM_BUDGET_WARNING_PERCENT = max(0.0, _number("LLM_BUDGET_WARNING_PERCENT", 80))
 
 # /metrics (llm/metrics.py): readable from these addresses, or by anyone with the token.
 METRICS_ALLOWED_IPS = _networks("METRICS_ALLOWED_IPS", "127.0.0.1,::1")

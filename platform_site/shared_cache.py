@@ -57,7 +57,7 @@ async def aget_many(keys: list[str], *, alias: str = "default") -> dict[str, Any
         if isinstance(backend, LocMemCache):
             return backend.get_many(keys)
         if isinstance(backend, RedisCache):
-            client = await _client(backend)
+            client = await aclient(backend)
             raws = await client.mget([backend.make_and_validate_key(key) for key in keys])
             loads = _serializer(backend).loads
             return {key: loads(raw) for key, raw in zip(keys, raws, strict=True) if raw is not None}
@@ -81,7 +81,7 @@ async def atry_add(
         if isinstance(backend, LocMemCache):
             return backend.add(key, value, timeout)
         if isinstance(backend, RedisCache):
-            client = await _client(backend)
+            client = await aclient(backend)
             key = backend.make_and_validate_key(key)
             expires = None if timeout is None else max(1, round(timeout * 1000))
             return bool(await client.set(key, value, px=expires, nx=True))
@@ -108,7 +108,7 @@ async def _get(backend: BaseCache, key: str, default: Any) -> Any:
     if isinstance(backend, LocMemCache):
         return backend.get(key, default)
     if isinstance(backend, RedisCache):
-        client = await _client(backend)
+        client = await aclient(backend)
         raw = await client.get(backend.make_and_validate_key(key))
         return default if raw is None else _serializer(backend).loads(raw)
     return await backend.aget(key, default)
@@ -118,14 +118,14 @@ async def _set(backend: BaseCache, key: str, value: Any, timeout: int) -> None:
     if isinstance(backend, LocMemCache):
         backend.set(key, value, timeout)
     elif isinstance(backend, RedisCache):
-        client = await _client(backend)
+        client = await aclient(backend)
         raw = _serializer(backend).dumps(value)
         await client.set(backend.make_and_validate_key(key), raw, ex=timeout)
     else:
         await backend.aset(key, value, timeout)
 
 
-async def _client(backend: RedisCache) -> redis.asyncio.Redis:
+async def aclient(backend: RedisCache) -> redis.asyncio.Redis:
     loop = asyncio.get_running_loop()
     url = backend._servers[0]  # type: ignore[attr-defined]  # the primary: replicas lag
     client = _clients.get((loop, url))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from decimal import Decimal
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -97,7 +98,15 @@ def test_it_exports_every_metric_and_label_the_dashboard_and_alerts_read(
     upstream = start_upstream(cost="0.0042")
     backup = credential_factory(title="Backup", owner=alice, base_url=upstream.base_url)
     down = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
-    primary = credential_factory(title="Primary", owner=alice, base_url=down, fallback=backup)
+    # Spend control moves its metrics: a budget, and a model it refuses.
+    primary = credential_factory(
+        title="Primary",
+        owner=alice,
+        base_url=down,
+        fallback=backup,
+        monthly_budget_usd=Decimal("100"),
+        allowed_models=["gpt-4o-mini"],
+    )
     stale = tmp_path / "metrics" / "counter_999999.db"  # last run's: unreadable garbage
     stale.parent.mkdir()
     stale.write_bytes(b"not a metrics file")
@@ -117,6 +126,9 @@ def test_it_exports_every_metric_and_label_the_dashboard_and_alerts_read(
         body = {"credential": credential, "model": "gpt-4o-mini", "messages": HELLO}
         answer = site.request("POST", "/api/llm/chat", headers=via_proxy, body=body)
         assert answer.status == 200, answer.content
+    body = {"credential": str(primary.pk), "model": "gpt-4o", "messages": HELLO}
+    refused_model = site.request("POST", "/api/llm/chat", headers=via_proxy, body=body)
+    assert refused_model.status == 403, refused_model.content
 
     scraped = site.request(
         "GET", "/metrics", headers={"Host": "site:8000", "Authorization": f"Bearer {token}"}

@@ -371,8 +371,10 @@ def test_the_migration_gives_existing_usage_its_credentials_titles(
 
     executor = MigrationExecutor(connection)
     executor.migrate(after)
-
+    migrated = executor.loader.project_state(after).apps.get_model("llm", "UsageRecord")
     titles = {
-        r.model: (r.credential_title, r.serving_credential_title) for r in UsageRecord.objects.all()
+        r.model: (r.credential_title, r.serving_credential_title) for r in migrated.objects.all()
     }
+    MigrationExecutor(connection).migrate(executor.loader.graph.leaf_nodes())
+
     assert titles == {"both": ("Main", "Backup"), "none": ("", "")}

@@ -1,0 +1,769 @@
+"""Spend control: a credential's allowed models, monthly budgets and rate limits.
+
+Every call with a credential is checked before anything is sent (`admit`), in this
+order, and refused with a sentence:
+
+- a model off the credential's allow-list: 403 ModelNotAllowed;
+- the credential's monthly budget, or the user's monthly cap on it, reached: 402
+  BudgetExceeded (the spend, the budget and when it resets: the 1st, 00:00 UTC);
+- tokens per minute used up (the credential's, or the user's on it): 429 RateLimited;
+- requests per minute used up: 429 RateLimited.
+
+A refusal is not a failure of the route: it never fails over. Once the call ended,
+its cost and tokens are counted (`charge`). Limits are the chosen credential's: a call
+that failed over counts against the credential the user chose.
+
+The counters live in the shared cache, so every worker sees the same ones:
+
+- with Redis, `admit` is one Lua script (one round trip), which checks every counter
+  and only then takes a request from each requests-per-minute window, atomically: of a
+  burst of any size from any number of workers, exactly the limit is admitted. Requests
+  per minute is a sliding window (at most N in any 60 s); tokens per minute counts the
+  tokens of the calls that ended in the current clock minute. `charge` is a second
+  script;
+- with another cache (local memory), the counters are this process's own: each worker
+  admits its own N (documented; `check --deploy` warns about several workers on a
+  local cache);
+- when Redis does not answer, each process counts alone until it does (logged once a
+  minute).
+
+Spend counts in units of 1e-8 USD, the usage column's precision. A spend counter that
+is missing (a new month, a new budget, Redis wiped) is seeded from the usage records
+(one query per credential, coalesced, not per call), and a serving process raises every
+counter to its usage records every LLM_SPEND_RECONCILE_SECONDS (one worker per interval):
+`reconcile`, and `manage.py reconcile_spend`. Records reach the database within
+LLM_USAGE_FLUSH_SECONDS, so a counter seeded from them may lack the last seconds' calls.
+
+Overshoot: a budget is checked before a call and charged after it, so the calls in
+flight when the spend crosses the budget all complete: the spend can exceed the budget
+by at most the cost of the calls in flight at that moment (with max_tokens, each is at
+most max_tokens times the output price). Tokens per minute overshoot alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import hashlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import cache, caches
+from django.core.cache.backends.redis import RedisCache
+from django.db.models import Q, Sum
+from django.utils import timezone
+from redis.exceptions import NoScriptError
+
+from credentials.models import APIKeyCredentials
+from llm import errors, metrics
+from platform_site import shared_cache
+
+log = logging.getLogger(__name__)
+
+UNIT = Decimal("0.00000001")  # USD per counter unit
+WINDOW_MS = 60_000
+SPEND_TTL = 40 * 86400  # a month's counter outlives its month
+RECONCILE_LOCK = "keyroute:spend:reconcile"
+
+
+def units(cost: float | Decimal | None) -> int:
+    return 0 if not cost else int((Decimal(str(cost)) / UNIT).to_integral_value())
+
+
+def usd(amount: int | Decimal) -> Decimal:
+    return amount * UNIT if isinstance(amount, int) else amount
+
+
+def dollars(amount: Decimal) -> str:
+    """$1,234.56, with more digits where they count ($0.0001, $0.00012)."""
+    if amount >= 1 or amount == 0:
+        return f"${amount:,.2f}"
+    return f"${decimal_text(amount)}"
+
+
+def decimal_text(amount: Decimal) -> str:
+    """USD as a decimal string: cents at least, then every digit that counts ("0.003")."""
+    whole, _, cents = f"{amount.quantize(UNIT):f}".partition(".")
+    return f"{whole}.{cents.rstrip('0').ljust(2, '0')}"
+
+
+# ---- months ---------------------------------------------------------------------------
+
+
+def month_of(now: datetime) -> tuple[datetime, datetime]:
+    """The calendar month (UTC) holding `now`: its start and the next month's start."""
+    start = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    days = calendar.monthrange(start.year, start.month)[1]
+    return start, start + timedelta(days=days)
+
+
+def _resets(end: datetime) -> str:
+    return f"{end.day} {end:%B %Y} at 00:00 UTC"
+
+
+# ---- what a call is checked against -----------------------------------------------------
+
+
+class Counter(NamedTuple):
+    key: str
+    limit: int  # -1: counted, not limited
+    per_user: bool
+
+
+@dataclass
+class Plan:
+    """The counters of one call, by kind; spend: the credential's first."""
+
+    credential: APIKeyCredentials
+    user_id: int | None
+    month: tuple[datetime, datetime]
+    now_ms: int
+    member: str  # this call's entry in the requests windows
+    spend: list[Counter] = field(default_factory=list)
+    tokens: list[Counter] = field(default_factory=list)
+    requests: list[Counter] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[Counter]:
+        return self.spend + self.tokens + self.requests
+
+
+def _plan(credential: APIKeyCredentials, user: Any) -> Plan:
+    now = timezone.now()
+    user_id = user.pk if getattr(user, "is_authenticated", False) else None
+    now_ms = int(now.timestamp() * 1000)
+    plan = Plan(credential, user_id, month_of(now), now_ms, uuid.uuid4().hex)
+    cid = credential.pk.hex
+    if credential.has_budget:
+        key = spend_key(plan.month[0], credential.pk)
+        plan.spend.append(Counter(key, _limit(credential.monthly_budget_usd), False))
+        if credential.user_monthly_budget_usd is not None and user_id is not None:
+            cap = _limit(credential.user_monthly_budget_usd)
+            plan.spend.append(Counter(spend_key(plan.month[0], credential.pk, user_id), cap, True))
+    minute = plan.now_ms // WINDOW_MS
+    for limit, per_user, kind, into in (
+        (credential.tokens_per_minute, False, "tpm", plan.tokens),
+        (credential.user_tokens_per_minute, True, "tpm", plan.tokens),
+        (credential.requests_per_minute, False, "rpm", plan.requests),
+        (credential.user_requests_per_minute, True, "rpm", plan.requests),
+    ):
+        if limit is None or (per_user and user_id is None):
+            continue
+        window = f":{minute}" if kind == "tpm" else ""
+        owner = f":{user_id}" if per_user else ""
+        into.append(Counter(f"keyroute:{kind}{window}:{cid}{owner}", limit, per_user))
+    return plan
+
+
+def spend_key(month: datetime, credential_id: uuid.UUID, user_id: int | None = None) -> str:
+    owner = "" if user_id is None else f":{user_id}"
+    return f"keyroute:spend:{month:%Y-%m}:{credential_id.hex}{owner}"
+
+
+def _limit(budget: Decimal | None) -> int:
+    return -1 if budget is None else units(budget)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """`code`: 0 admitted, 1 spend reached, 2 tokens used up, 3 requests used up, 4 a
+    spend counter is missing; `index` of the counter (in its kind), its `value`, and
+    for requests the milliseconds until one frees."""
+
+    code: int
+    index: int = 0
+    value: int = 0
+    wait_ms: int = 0
+
+
+ADMITTED = Verdict(0)
+MISSING = 4
+# How often a call seeds missing spend counters before it goes on unchecked.
+SEED_TRIES = 3
+
+# KEYS: spend, tokens, requests counters. ARGV: how many of each, now (ms), the window
+# (ms), this call's member, then the limits in KEYS' order.
+ADMIT = """
+local ns, nt, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, window, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+for i = 1, ns do
+  local value = redis.call('GET', KEYS[i])
+  if not value then return {4, i, 0, 0} end
+  local limit = tonumber(ARGV[6 + i])
+  if limit >= 0 and tonumber(value) >= limit then return {1, i, tonumber(value), 0} end
+end
+for i = ns + 1, ns + nt do
+  local value = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if value >= tonumber(ARGV[6 + i]) then return {2, i - ns, value, 0} end
+end
+for i = ns + nt + 1, ns + nt + nr do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[6 + i]) then
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    return {3, i - ns - nt, 0, tonumber(oldest[2]) + window - now}
+  end
+end
+for i = ns + nt + 1, ns + nt + nr do
+  redis.call('ZADD', KEYS[i], now, member)
+  redis.call('PEXPIRE', KEYS[i], window)
+end
+return {0, 0, 0, 0}
+"""
+
+# KEYS: spend counters, then tokens counters. ARGV: how many spend counters, the cost
+# (units), the tokens, the tokens counters' life (ms). Returns each spend counter after
+# the charge (-1: missing; it is seeded from the usage records, which hold this call).
+CHARGE = """
+local ns, cost, tokens = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local spent = {}
+for i = 1, ns do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    spent[i] = redis.call('INCRBY', KEYS[i], cost)
+  else
+    spent[i] = -1
+  end
+end
+if tokens > 0 then
+  for i = ns + 1, #KEYS do
+    redis.call('INCRBY', KEYS[i], tokens)
+    redis.call('PEXPIRE', KEYS[i], ARGV[4])
+  end
+end
+return spent
+"""
+
+# KEYS: one spend counter. ARGV: the value, its life (s), 1 to set it whatever it holds
+# (else only raise it). Returns what it held before (-1: nothing).
+RAISE = """
+local held = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local value = tonumber(ARGV[1])
+if ARGV[3] == '1' or value > held then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return held
+"""
+
+
+class LocalCounters:
+    """The counters of this process (a local-memory cache, or Redis down)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, tuple[int, float]] = {}  # key -> (value, expires at)
+        self._windows: dict[str, deque[int]] = {}
+
+    def admit(self, plan: Plan) -> Verdict:
+        now = plan.now_ms
+        with self._lock:
+            for index, (key, limit, _) in enumerate(plan.spend, 1):
+                value = self._get(key)
+                if value is None:
+                    return Verdict(4, index)
+                if 0 <= limit <= value:
+                    return Verdict(1, index, value)
+            for index, (key, limit, _) in enumerate(plan.tokens, 1):
+                value = self._get(key) or 0
+                if value >= limit:
+                    return Verdict(2, index, value)
+            windows = []
+            for index, (key, limit, _) in enumerate(plan.requests, 1):
+                window = self._windows.setdefault(key, deque())
+                while window and window[0] <= now - WINDOW_MS:
+                    window.popleft()
+                if len(window) >= limit:
+                    return Verdict(3, index, wait_ms=window[0] + WINDOW_MS - now)
+                windows.append(window)
+            for window in windows:
+                window.append(now)
+        return ADMITTED
+
+    def charge(self, plan: Plan, cost: int, tokens: int) -> list[int]:
+        with self._lock:
+            spent = []
+            for key, _, _ in plan.spend:
+                value = self._get(key)
+                if value is not None:
+                    value += cost
+                    self._values[key] = (value, time.monotonic() + SPEND_TTL)
+                spent.append(-1 if value is None else value)
+            if tokens:
+                for key, _, _ in plan.tokens:
+                    self._values[key] = (
+                        (self._get(key) or 0) + tokens,
+                        time.monotonic() + WINDOW_MS / 1000,
+                    )
+            if len(self._values) > 100_000:
+                self._prune()
+        return spent
+
+    def set(self, key: str, value: int, *, exact: bool = True) -> int:
+        with self._lock:
+            held = self._get(key)
+            if exact or held is None or value > held:
+                self._values[key] = (value, time.monotonic() + SPEND_TTL)
+        return -1 if held is None else held
+
+    def get(self, key: str) -> int | None:
+        with self._lock:
+            return self._get(key)
+
+    def _get(self, key: str) -> int | None:
+        kept = self._values.get(key)
+        if kept is None or kept[1] <= time.monotonic():
+            return None
+        return kept[0]
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        self._values = {k: v for k, v in self._values.items() if v[1] > now}
+        self._windows = {k: w for k, w in self._windows.items() if w}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._windows.clear()
+
+
+local = LocalCounters()
+
+
+class RedisCounters:
+    """The counters in Redis (the cache's primary), through the scripts above."""
+
+    def __init__(self, backend: RedisCache) -> None:
+        self.backend = backend
+
+    def _keys(self, keys: list[str]) -> list[str]:
+        return [self.backend.make_and_validate_key(key) for key in keys]
+
+    def _admit_args(self, plan: Plan) -> tuple[list[str], list[Any]]:
+        counts = [len(plan.spend), len(plan.tokens), len(plan.requests)]
+        keys = self._keys([c.key for c in plan.all])
+        return keys, [*counts, plan.now_ms, WINDOW_MS, plan.member, *(c.limit for c in plan.all)]
+
+    def _charge_args(self, plan: Plan, cost: int, tokens: int) -> tuple[list[str], list[Any]]:
+        keys = self._keys([c.key for c in plan.spend + plan.tokens])
+        return keys, [len(plan.spend), cost, tokens, WINDOW_MS]
+
+    def _client(self) -> Any:
+        return self.backend._cache.get_client(write=True)  # type: ignore[attr-defined]
+
+    def admit(self, plan: Plan) -> Verdict:
+        return Verdict(*_run(self._client(), ADMIT, *self._admit_args(plan)))
+
+    async def aadmit(self, plan: Plan) -> Verdict:
+        client = await shared_cache.aclient(self.backend)
+        return Verdict(*await _arun(client, ADMIT, *self._admit_args(plan)))
+
+    def charge(self, plan: Plan, cost: int, tokens: int) -> list[int]:
+        return list(_run(self._client(), CHARGE, *self._charge_args(plan, cost, tokens)))
+
+    async def acharge(self, plan: Plan, cost: int, tokens: int) -> list[int]:
+        client = await shared_cache.aclient(self.backend)
+        return list(await _arun(client, CHARGE, *self._charge_args(plan, cost, tokens)))
+
+    def set(self, key: str, value: int, *, exact: bool = True) -> int:
+        args = [value, SPEND_TTL, 1 if exact else 0]
+        return int(_run(self._client(), RAISE, self._keys([key]), args))
+
+    def get(self, key: str) -> int | None:
+        value = self._client().get(self.backend.make_and_validate_key(key))
+        return None if value is None else int(value)
+
+    async def aget(self, key: str) -> int | None:
+        client = await shared_cache.aclient(self.backend)
+        value = await client.get(self.backend.make_and_validate_key(key))
+        return None if value is None else int(value)
+
+
+_shas: dict[str, str] = {}
+
+
+def _sha(script: str) -> str:
+    if script not in _shas:
+        _shas[script] = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    return _shas[script]
+
+
+def _run(client: Any, script: str, keys: list[str], args: list[Any]) -> Any:
+    """Run a script by its hash (sent in full the first time Redis has not seen it)."""
+    try:
+        return client.evalsha(_sha(script), len(keys), *keys, *args)
+    except NoScriptError:
+        return client.eval(script, len(keys), *keys, *args)
+
+
+async def _arun(client: Any, script: str, keys: list[str], args: list[Any]) -> Any:
+    try:
+        return await client.evalsha(_sha(script), len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.eval(script, len(keys), *keys, *args)
+
+
+def counters() -> RedisCounters | LocalCounters:
+    """The shared counters: Redis when the cache is Redis, else this process's."""
+    backend = caches["default"]
+    return RedisCounters(backend) if isinstance(backend, RedisCache) else local
+
+
+# ---- admission --------------------------------------------------------------------------
+
+
+@dataclass
+class Admission:
+    """A call let through: what `charge` counts once it ended."""
+
+    plan: Plan
+    counters: RedisCounters | LocalCounters
+
+
+def check_model(credential: APIKeyCredentials | None, model: str) -> None:
+    if credential is not None and not credential.allows_model(model):
+        metrics.limit_refused(kind="model")
+        raise errors.model_not_allowed(credential.title, model, credential.allowed_models)
+
+
+def admit(credential: APIKeyCredentials | None, user: Any, model: str) -> Admission | None:
+    """Check the call against the credential's limits (sync code); raises the refusal."""
+    check_model(credential, model)
+    if credential is None or not credential.has_limits:
+        return None
+    plan = _plan(credential, user)
+    store = counters()
+    for _ in range(SEED_TRIES):
+        try:
+            verdict = store.admit(plan)
+        except Exception as error:
+            store = _unshared(error)
+            continue
+        if verdict.code != MISSING:
+            return _admitted(plan, store, verdict)
+        _seed(store, plan)
+    return Admission(plan, store)
+
+
+async def aadmit(credential: APIKeyCredentials | None, user: Any, model: str) -> Admission | None:
+    """`admit` for async code: Redis from the event loop; the database only to seed."""
+    check_model(credential, model)
+    if credential is None or not credential.has_limits:
+        return None
+    plan = _plan(credential, user)
+    store = counters()
+    for _ in range(SEED_TRIES):
+        try:
+            if isinstance(store, RedisCounters):
+                verdict = await store.aadmit(plan)
+            else:
+                verdict = store.admit(plan)
+        except Exception as error:
+            store = _unshared(error)
+            continue
+        if verdict.code != MISSING:
+            return _admitted(plan, store, verdict)
+        await _aseed(store, plan)
+    return Admission(plan, store)
+
+
+def _admitted(plan: Plan, store: RedisCounters | LocalCounters, verdict: Verdict) -> Admission:
+    _refuse(plan, verdict)
+    _ensure_reconciler()
+    return Admission(plan, store)
+
+
+def _unshared(error: Exception) -> LocalCounters:
+    shared_cache.warn(caches["default"], error)
+    metrics.limits_unshared()
+    return local
+
+
+def _refuse(plan: Plan, verdict: Verdict) -> None:
+    """Raise the refusal `verdict` says, if any."""
+    credential, title = plan.credential, plan.credential.title
+    if verdict.code == 1:
+        start, end = plan.month
+        spent = dollars(usd(verdict.value))
+        per_user = plan.spend[verdict.index - 1].per_user
+        budget = credential.user_monthly_budget_usd if per_user else credential.monthly_budget_usd
+        assert budget is not None
+        whose = "You have" if per_user else f"Credential {title!r} has"
+        of = (
+            f"your {dollars(budget)} monthly cap on credential {title!r}"
+            if per_user
+            else f"its {dollars(budget)} budget"
+        )
+        metrics.limit_refused(kind="budget")
+        raise errors.BudgetExceeded(
+            f"{whose} spent {spent} of {of} for {start:%B %Y}; it resets on {_resets(end)}. "
+            "Choose another credential, or ask an admin to raise the "
+            f"{'cap' if per_user else 'budget'}."
+        )
+    if verdict.code in (2, 3):
+        _, limit, mine = (plan.tokens if verdict.code == 2 else plan.requests)[verdict.index - 1]
+        if verdict.code == 2:
+            wait_ms = WINDOW_MS - plan.now_ms % WINDOW_MS
+            what = f"{limit:,} tokens per minute"
+        else:
+            wait_ms = verdict.wait_ms
+            what = f"{limit:,} requests per minute"
+        wait = max(1, math.ceil(wait_ms / 1000))
+        metrics.limit_refused(kind="tokens" if verdict.code == 2 else "requests")
+        raise errors.RateLimited(
+            f"Credential {title!r} allows {what}{' per user' if mine else ''}, and "
+            f"{'your' if mine else 'its'} share of this minute is used up: try again in "
+            f"{wait} s.",
+            retry_after=wait,
+            fault="limited",
+        )
+
+
+# ---- seeding and reconciling the spend counters ---------------------------------------
+
+
+def _month_spend(plan: Plan) -> tuple[int, int]:
+    """The credential's spend this month, and the user's on it, from the usage records."""
+    from llm.models import UsageRecord
+
+    start, end = plan.month
+    spent = UsageRecord.objects.filter(
+        credential_id=plan.credential.pk, created_at__gte=start, created_at__lt=end
+    ).aggregate(all=Sum("cost_usd"), mine=Sum("cost_usd", filter=Q(user_id=plan.user_id)))
+    return units(spent["all"]), units(spent["mine"])
+
+
+def _seed(store: RedisCounters | LocalCounters, plan: Plan) -> None:
+    """Set the plan's missing spend counters from the usage records. When that fails
+    (the database or the cache down), the call goes on unchecked, said in the log."""
+    try:
+        total, mine = _month_spend(plan)
+        for key, _, per_user in plan.spend:
+            store.set(key, mine if per_user else total, exact=False)
+    except Exception:
+        log.exception(
+            "Could not read this month's spend of credential %r: its call goes on unchecked.",
+            plan.credential.title,
+        )
+
+
+_seeding: dict[tuple[asyncio.AbstractEventLoop, tuple[str, ...]], asyncio.Task[None]] = {}
+
+
+async def _aseed(store: RedisCounters | LocalCounters, plan: Plan) -> None:
+    """`_seed` from async code, once for the calls that miss the same counters at once."""
+    loop = asyncio.get_running_loop()
+    key = (loop, tuple(c.key for c in plan.spend))
+    task = _seeding.get(key)
+    if task is None:
+        task = _seeding[key] = loop.create_task(sync_to_async(_seed)(store, plan))
+        task.add_done_callback(lambda _: _seeding.pop(key, None))
+    await asyncio.shield(task)
+
+
+# ---- after the call ---------------------------------------------------------------------
+
+
+def charge(admission: Admission | None, cost: float | None, tokens: int) -> None:
+    """Count a call that ended (sync code)."""
+    if admission is None:
+        return
+    try:
+        spent = admission.counters.charge(admission.plan, units(cost), tokens)
+    except Exception as error:
+        _unshared(error)
+        return
+    _spent(admission.plan, spent, units(cost))
+
+
+async def acharge(admission: Admission | None, cost: float | None, tokens: int) -> None:
+    if admission is None:
+        return
+    store, plan = admission.counters, admission.plan
+    try:
+        if isinstance(store, RedisCounters):
+            spent = await store.acharge(plan, units(cost), tokens)
+        else:
+            spent = store.charge(plan, units(cost), tokens)
+    except Exception as error:
+        _unshared(error)
+        return
+    _spent(plan, spent, units(cost))
+
+
+def _spent(plan: Plan, spent: list[int], cost: int) -> None:
+    """Gauges, and the warning when a charge crossed LLM_BUDGET_WARNING_PERCENT."""
+    if not plan.spend or spent[0] < 0:
+        return
+    credential = plan.credential
+    budget = credential.monthly_budget_usd
+    metrics.credential_spend(
+        credential_id=str(credential.pk),
+        spent=float(usd(spent[0])),
+        budget=None if budget is None else float(budget),
+    )
+    share = settings.LLM_BUDGET_WARNING_PERCENT / 100
+    if not share or not cost:
+        return
+    for (_, limit, per_user), after in zip(plan.spend, spent, strict=True):
+        # Exactly one charge crosses the line: the one whose increment passed it.
+        if limit > 0 and after >= 0 and after - cost < limit * share <= after:
+            whose = f"user {plan.user_id} on credential" if per_user else "credential"
+            metrics.budget_warning(credential_id=str(credential.pk), per_user=per_user)
+            log.warning(
+                "Spend warning: %s %r has spent %s of its %s monthly %s (%d%%).",
+                whose,
+                credential.title,
+                dollars(usd(after)),
+                dollars(usd(limit)),
+                "cap" if per_user else "budget",
+                round(after * 100 / limit),
+            )
+
+
+# ---- reconciliation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    credential: APIKeyCredentials
+    user_id: int | None
+    was: int  # the counter before (-1: missing)
+    now: int
+
+
+def reconcile(*, exact: bool, now: datetime | None = None) -> list[Reconciled]:
+    """Bring the spend counters of this month to the usage records' sums.
+
+    `exact`: set them (an admin's command); else only raise them (the periodic task:
+    the records lag by the flush interval, so a counter above them may be right).
+    """
+    from llm.models import UsageRecord
+
+    start, end = month_of(now or timezone.now())
+    budgeted = list(
+        APIKeyCredentials.objects.filter(
+            Q(monthly_budget_usd__isnull=False) | Q(user_monthly_budget_usd__isnull=False)
+        )
+    )
+    rows = (
+        UsageRecord.objects.filter(
+            credential_id__in=[c.pk for c in budgeted], created_at__gte=start, created_at__lt=end
+        )
+        .values_list("credential_id", "user_id")
+        .annotate(spent=Sum("cost_usd"))
+    )
+    totals: dict[Any, int] = {}
+    users: dict[Any, dict[int, int]] = {}
+    for credential_id, user_id, spent in rows:
+        totals[credential_id] = totals.get(credential_id, 0) + units(spent)
+        if user_id is not None:
+            users.setdefault(credential_id, {})[user_id] = units(spent)
+    store = counters()
+    done = []
+
+    def put(credential: APIKeyCredentials, user_id: int | None, value: int) -> Reconciled:
+        was = store.set(spend_key(start, credential.pk, user_id), value, exact=exact)
+        done.append(Reconciled(credential, user_id, was, value if exact else max(was, value)))
+        return done[-1]
+
+    for credential in budgeted:
+        total = put(credential, None, totals.get(credential.pk, 0))
+        if credential.user_monthly_budget_usd is not None:
+            for user_id, spent in users.get(credential.pk, {}).items():
+                put(credential, user_id, spent)
+        budget = credential.monthly_budget_usd
+        metrics.credential_spend(
+            credential_id=str(credential.pk),
+            spent=float(usd(total.now)),
+            budget=None if budget is None else float(budget),
+        )
+    return done
+
+
+_reconciler: threading.Thread | None = None
+
+
+def _ensure_reconciler() -> None:
+    """Start this process's periodic reconciliation, once (a serving process calls)."""
+    global _reconciler
+    if _reconciler is not None or not settings.LLM_SPEND_RECONCILE_SECONDS:
+        return
+    _reconciler = threading.Thread(target=_reconcile_forever, name="spend-reconciler", daemon=True)
+    _reconciler.start()
+
+
+def _reconcile_forever() -> None:
+    from django.db import connections
+
+    while True:
+        interval = settings.LLM_SPEND_RECONCILE_SECONDS or 60.0
+        time.sleep(interval)
+        try:
+            # One worker per interval does it.
+            if settings.LLM_SPEND_RECONCILE_SECONDS and cache.add(
+                RECONCILE_LOCK, 1, max(1, int(interval) - 1)
+            ):
+                reconcile(exact=False)
+            connections.close_all()
+        except Exception:
+            log.exception("Reconciling spend counters failed; it tries again in %g s.", interval)
+
+
+# ---- what a user may still spend -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Remaining:
+    """A budget and what is left of it this month."""
+
+    budget: Decimal
+    spent: Decimal
+    resets_at: datetime
+
+    @property
+    def remaining(self) -> Decimal:
+        return max(Decimal(0), self.budget - self.spent)
+
+
+def _remaining(plan: Plan, values: list[int | None]) -> dict[str, Remaining | None]:
+    credential = plan.credential
+    found: dict[str, Remaining | None] = {"credential": None, "user": None}
+    for (_, _, per_user), value in zip(plan.spend, values, strict=True):
+        budget = credential.user_monthly_budget_usd if per_user else credential.monthly_budget_usd
+        if budget is not None:
+            found["user" if per_user else "credential"] = Remaining(
+                budget, usd(value or 0), plan.month[1]
+            )
+    return found
+
+
+async def aremaining(credential: APIKeyCredentials, user: Any) -> dict[str, Remaining | None]:
+    """The credential's budget and the user's cap on it, with this month's spend."""
+    if not credential.has_budget:
+        return {"credential": None, "user": None}
+    plan = _plan(credential, user)
+    try:
+        values = await _aspent(counters(), plan)
+    except Exception as error:
+        values = await _aspent(_unshared(error), plan)
+    return _remaining(plan, values)
+
+
+async def _aspent(store: RedisCounters | LocalCounters, plan: Plan) -> list[int | None]:
+    """The plan's spend counters (seeded from the usage records where missing)."""
+    values: list[int | None] = []
+    for key, _, _ in plan.spend:
+        value = await store.aget(key) if isinstance(store, RedisCounters) else store.get(key)
+        if value is None:
+            await _aseed(store, plan)
+            value = await store.aget(key) if isinstance(store, RedisCounters) else store.get(key)
+        values.append(value)
+    return values
