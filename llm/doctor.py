@@ -49,7 +49,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from credentials.models import PLATFORM, APIKeyCredentials
+from credentials.models import PLATFORM, APIKeyCredentials, model_matcher
 from credentials.secret import Secret
 from llm import breaker, clients
 from llm.errors import CONNECTION_FAULTS, LLMError, reading_answer
@@ -84,6 +84,7 @@ FAULT_NAMES = {
     "malformed": "not a model list",
     "unavailable": "unavailable",
     "model_missing": "model not listed",
+    "not_allowed": "model not allowed",
 }
 
 
@@ -104,6 +105,7 @@ class Target:
     credential_id: str | None = None
     missing: str | None = None
     problem: LLMError | None = None
+    allowed_models: tuple[str, ...] = ()  # the credential's allow-list (empty: any)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ def _credential(credential: APIKeyCredentials) -> Target:
         url_setting=None if credential.base_url else "OPENAI_BASE_URL",
         key_fix="Enter the right key in the admin.",
         credential_id=str(credential.pk),
+        allowed_models=tuple(credential.allowed_models),
     )
     try:
         route = resolve_route("chat", credential, user=PLATFORM, allow_inactive=True)
@@ -317,6 +320,8 @@ def _examine(target: Target, model: str | None) -> Finding:
             finding = dataclasses.replace(
                 finding, ok=False, fault="model_missing", hint=_model_missing(route, model, finding)
             )
+        elif hint := _allow_list_problem(target, model, finding):
+            finding = dataclasses.replace(finding, ok=False, fault="not_allowed", hint=hint)
     else:
         # "unavailable": refused before any request (the base URL policy): not tried.
         tried = error.fault != "unavailable"
@@ -455,6 +460,27 @@ def _model_missing(route: Route, model: str, finding: Finding) -> str:
         f"use at {route.host} ({examples}{more}): check the name, or add the model to the "
         "proxy's config."
     )
+
+
+def _allow_list_problem(target: Target, model: str | None, finding: Finding) -> str | None:
+    """What the credential's allow-list refuses that users will ask for: `model`, or
+    every model its key may use."""
+    allowed = target.allowed_models
+    if not allowed:
+        return None
+    test = model_matcher(allowed)
+    if model and not test(model):
+        return (
+            f"The credential's allowed models ({', '.join(allowed)}) do not include {model!r}: "
+            "calls for it are refused. Add it to the allowed models in the admin."
+        )
+    if finding.models and not any(test(name) for name in finding.models):
+        return (
+            f"None of the {len(finding.models)} model(s) this key may use at {finding.host} "
+            f"matches the credential's allowed models ({', '.join(allowed)}): every call "
+            "would be refused. Correct the allowed models in the admin."
+        )
+    return None
 
 
 def _compare_internal(findings: list[Finding]) -> list[Finding]:

@@ -364,6 +364,32 @@ def test_a_model_missing_from_the_list(global_route):
     assert doctor_says("--model", "gpt-test-mini", fails=False).endswith("2 route(s) work.\n")
 
 
+def test_an_allow_list_that_matches_none_of_the_proxys_models(credential_factory, upstream):
+    credential = credential_factory(
+        base_url=upstream.base_url, allowed_models=["gpt-4o*", "claude-*"]
+    )
+
+    text = check_one(credential)
+
+    assert (
+        "    model not allowed: None of the 3 model(s) this key may use at "
+        f"127.0.0.1:{upstream.port} matches the credential's allowed models (gpt-4o*, "
+        "claude-*): every call would be refused. Correct the allowed models in the admin."
+    ) in text.splitlines()
+
+
+def test_a_model_the_allow_list_refuses(credential_factory, upstream):
+    credential = credential_factory(base_url=upstream.base_url, allowed_models=["gpt-test-*"])
+
+    text = check_one(credential, "--model", "embed-test")
+
+    assert (
+        "    model not allowed: The credential's allowed models (gpt-test-*) do not include "
+        "'embed-test': calls for it are refused. Add it to the allowed models in the admin."
+    ) in text.splitlines()
+    check_one(credential, "--model", "gpt-test-mini", fails=False)
+
+
 def test_a_key_no_encryption_key_opens(settings, credential_factory):
     credential = credential_factory(title="Lost key", base_url="http://127.0.0.1:9/v1")
     settings.CREDENTIALS_ENCRYPTION_KEYS = [Fernet.generate_key().decode()]
