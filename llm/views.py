@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC
 from functools import wraps
 from typing import Any, cast
 from urllib.parse import quote, urlsplit
@@ -39,7 +40,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from credentials.models import APIKeyCredentials
 from credentials.selectors import ausable_credential, usable_credentials
-from llm import services
+from llm import limits, services
 from llm.errors import LLMError
 from llm.models import PlaygroundChoice
 from llm.requests import (
@@ -269,6 +270,29 @@ async def models_api(request: HttpRequest, user: Any) -> HttpResponseBase:
     credential = await credential_for(user, credential_from_query(request.GET.get("credential")))
     listing = await services.alist_models(credential=credential, user=user)
     return JsonResponse({"models": listing.models})
+
+
+@require_GET
+@api
+async def budget_api(request: HttpRequest, user: Any) -> HttpResponseBase:
+    """What is left this month of the credential's budget and of the user's cap on it;
+    null for either that is not set (the global default has neither)."""
+    credential = await credential_for(user, credential_from_query(request.GET.get("credential")))
+    if credential is None:
+        return JsonResponse({"credential": None, "user": None})
+    remaining = await limits.aremaining(credential, user)
+    return JsonResponse({whose: remaining_json(left) for whose, left in remaining.items()})
+
+
+def remaining_json(left: limits.Remaining | None) -> dict[str, str] | None:
+    if left is None:
+        return None
+    return {
+        "budget": limits.decimal_text(left.budget),
+        "spent": limits.decimal_text(left.spent),
+        "remaining": limits.decimal_text(left.remaining),
+        "resets_at": left.resets_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def sse(data: Any, event: str | None = None) -> bytes:

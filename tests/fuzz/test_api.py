@@ -96,7 +96,9 @@ def test_json_endpoints_survive_deep_nesting(site: Site) -> None:
 def test_get_endpoints_survive_any_query(site: Site) -> None:
     @fuzz(40)
     @given(
-        path=st.sampled_from(["/api/llm/credentials", "/api/llm/models", "/llm/", "/healthz"]),
+        path=st.sampled_from(
+            ["/api/llm/credentials", "/api/llm/models", "/api/llm/budget", "/llm/", "/healthz"]
+        ),
         query=st.one_of(raw_queries, credential_refs),
     )
     def example(path: str, query: Any) -> None:

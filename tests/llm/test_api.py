@@ -119,6 +119,7 @@ ENDPOINTS = [
     ("post", "/api/llm/chat"),
     ("post", "/api/llm/embeddings"),
     ("get", "/api/llm/models"),
+    ("get", "/api/llm/budget"),
     ("post", "/llm/send"),
 ]
 

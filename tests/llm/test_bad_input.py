@@ -274,10 +274,11 @@ def test_nul_in_message_content_is_valid_text_and_is_sent(api, credential, costl
         pytest.param("&".join(["a=1"] * 2000), 400, id="2000 parameters"),
     ],
 )
-def test_the_models_list_refuses_a_credential_id_it_cannot_use(
-    api, global_route, logs, query, status
+@pytest.mark.parametrize("url", ["/api/llm/models", "/api/llm/budget"])
+def test_the_credential_queries_refuse_a_credential_id_they_cannot_use(
+    api, global_route, logs, query, status, url
 ):
-    response = api.get(f"/api/llm/models?{query}")
+    response = api.get(f"{url}?{query}")
 
     assert response.status_code == status, response.content[:300]
     if status == 400:

@@ -9,6 +9,7 @@ sync call made from async code goes through it (the counting wrapper calls the r
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from django.core.signals import request_finished
 from django.utils.module_loading import import_string
 
 from llm import usage
+from llm.models import ModelPrice
 from platform_site.asgi import Handler, application
 from platform_site.middleware import ON_THE_LOOP
 from platform_site.signals import worker_stopping
@@ -183,11 +185,27 @@ def test_the_twins_refuse_a_form_without_its_csrf_token(transactional_db):
 # ---- no thread on the hot path ----------------------------------------------------------
 
 
-@pytest.fixture
-def alices(django_user_model, credential_factory, upstream):
+# Spend control on: an allow-list, a budget and a cap, rates (llm.limits), and a price
+# table that prices every call (the upstream sends no cost).
+SPEND_CONTROL = {
+    "allowed_models": [MODEL, "embed-*"],
+    "monthly_budget_usd": Decimal(1000),
+    "user_monthly_budget_usd": Decimal(100),
+    "requests_per_minute": 10**6,
+    "tokens_per_minute": 10**9,
+    "user_requests_per_minute": 10**6,
+    "user_tokens_per_minute": 10**9,
+}
+
+
+@pytest.fixture(params=[{}, SPEND_CONTROL], ids=["", "spend control on"])
+def alices(request, django_user_model, credential_factory, upstream):
     """Alice signed in, and her credential on `upstream`."""
     alice = django_user_model.objects.create_user("alice")
-    credential = credential_factory(title="Alice", owner=alice, base_url=upstream.base_url)
+    credential = credential_factory(
+        title="Alice", owner=alice, base_url=upstream.base_url, **request.param
+    )
+    ModelPrice.objects.create(model="*", input_usd_per_million=1, output_usd_per_million=2)
     return signed_in(alice), str(credential.pk)
 
 
@@ -210,6 +228,7 @@ def test_the_hot_path_makes_no_thread_hop_once_warm(
             {"credential": credential, "model": MODEL, "input": "hi"},
         ),
         "models": ("GET", f"/api/llm/models?credential={credential}", None),
+        "budget": ("GET", f"/api/llm/budget?credential={credential}", None),
         "playground send": ("POST", "/llm/send", send),
         "healthz": ("GET", "/healthz", None),
     }

@@ -24,6 +24,7 @@ import json
 import logging
 import secrets
 import sys
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -286,6 +287,30 @@ def use_through_the_api(
     assert only_this_key, "A call sent another key than the credential's."
 
 
+def spend_control(
+    api: Visit, seen: Exposure, secret: Secret, factory: Any, upstream: Upstream
+) -> None:
+    """A credential with every limit, driven to each refusal; its budget read back, its
+    counters reconciled, and the soft limit's warning logged."""
+    capped = factory(
+        title="Sweep capped",
+        api_key=secret.get_secret_value(),
+        base_url=upstream.base_url,
+        allowed_models=[MODEL, "embed-*"],
+        monthly_budget_usd=Decimal("0.004"),  # one call costs $0.0042
+        requests_per_minute=2,
+    )
+    chat(api, "chat, a model the credential does not allow", capped, 403, model="gpt-test-large")
+    chat(api, "chat within the limits", capped, 200)
+    chat(api, "chat over the budget", capped, 402)
+    api.get("budget", f"/api/llm/budget?credential={capped.pk}")
+    capped.monthly_budget_usd = None
+    capped.save()
+    chat(api, "chat within the rate", capped, 200)
+    chat(api, "chat over the rate", capped, 429)
+    run_command(seen, "manage.py reconcile_spend", "reconcile_spend")
+
+
 def stream_as(user: Any, seen: Exposure, credential: APIKeyCredentials, upstream: Upstream) -> None:
     """Streamed chats as under ASGI (an AsyncClient, the events read as they come): one
     whole, one the upstream drops halfway (an error event in the stream)."""
@@ -503,6 +528,7 @@ def test_the_key_shows_nowhere(
         everything = [credential, primary, down]
 
         use_through_the_api(as_alice, settings, key, credential, second)
+        spend_control(as_alice, seen, key, credential_factory, second)
         stream_as(alice, seen, credential, second)
         fail_over(as_alice, primary, dead)
         open_the_breaker(as_alice, settings, down)
