@@ -18,9 +18,9 @@ The counters live in the shared cache, so every worker sees the same ones:
 - with Redis, `admit` is one Lua script (one round trip), which checks every counter
   and only then takes a request from each requests-per-minute window, atomically: of a
   burst of any size from any number of workers, exactly the limit is admitted. Requests
-  per minute is a sliding window (at most N in any 60 s); tokens per minute counts the
-  tokens of the calls that ended in the current clock minute. `charge` is a second
-  script;
+  per minute is a sliding window (at most N in any 60 s, on Redis's clock); tokens per
+  minute counts the tokens of the calls that ended in the current clock minute.
+  `charge` is a second script;
 - with another cache (local memory), the counters are this process's own: each worker
   admits its own N (documented; `check --deploy` warns about several workers on a
   local cache);
@@ -133,9 +133,26 @@ class Plan:
     tokens: list[Counter] = field(default_factory=list)
     requests: list[Counter] = field(default_factory=list)
 
+    def token_keys(self, minute: int) -> list[str]:
+        """The tokens counters of the clock minute `minute`."""
+        return [f"{c.key}:{minute}" for c in self.tokens]
+
+    def admit_keys(self) -> list[str]:
+        """What `admit` reads: spend, the tokens of this minute, the requests windows."""
+        spend, requests = [c.key for c in self.spend], [c.key for c in self.requests]
+        return spend + self.token_keys(self.minute) + requests
+
+    def charge_keys(self, minute: int) -> list[str]:
+        """What `charge` adds to: spend, and the tokens of the minute the call ended in."""
+        return [c.key for c in self.spend] + self.token_keys(minute)
+
     @property
-    def all(self) -> list[Counter]:
-        return self.spend + self.tokens + self.requests
+    def limits(self) -> list[int]:
+        return [c.limit for c in self.spend + self.tokens + self.requests]
+
+    @property
+    def minute(self) -> int:
+        return self.now_ms // WINDOW_MS
 
 
 def _plan(credential: APIKeyCredentials, user: Any) -> Plan:
@@ -150,7 +167,6 @@ def _plan(credential: APIKeyCredentials, user: Any) -> Plan:
         if credential.user_monthly_budget_usd is not None and user_id is not None:
             cap = _limit(credential.user_monthly_budget_usd)
             plan.spend.append(Counter(spend_key(plan.month[0], credential.pk, user_id), cap, True))
-    minute = plan.now_ms // WINDOW_MS
     for limit, per_user, kind, into in (
         (credential.tokens_per_minute, False, "tpm", plan.tokens),
         (credential.user_tokens_per_minute, True, "tpm", plan.tokens),
@@ -159,10 +175,14 @@ def _plan(credential: APIKeyCredentials, user: Any) -> Plan:
     ):
         if limit is None or (per_user and user_id is None):
             continue
-        window = f":{minute}" if kind == "tpm" else ""
         owner = f":{user_id}" if per_user else ""
-        into.append(Counter(f"keyroute:{kind}{window}:{cid}{owner}", limit, per_user))
+        into.append(Counter(f"keyroute:{kind}:{cid}{owner}", limit, per_user))
     return plan
+
+
+def _minute_now() -> int:
+    """The clock minute a call ends in: where its tokens count."""
+    return int(timezone.now().timestamp() * 1000) // WINDOW_MS
 
 
 def spend_key(month: datetime, credential_id: uuid.UUID, user_id: int | None = None) -> str:
@@ -191,24 +211,27 @@ MISSING = 4
 # How often a call seeds missing spend counters before it goes on unchecked.
 SEED_TRIES = 3
 
-# KEYS: spend, tokens, requests counters. ARGV: how many of each, now (ms), the window
-# (ms), this call's member, then the limits in KEYS' order.
+# KEYS: spend, tokens, requests counters. ARGV: how many of each, the window (ms), this
+# call's member, then the limits in KEYS' order. The requests windows run on Redis's
+# clock, which every worker shares (theirs may differ).
 ADMIT = """
 local ns, nt, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now, window, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local window, member = tonumber(ARGV[4]), ARGV[5]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for i = 1, ns do
   local value = redis.call('GET', KEYS[i])
   if not value then return {4, i, 0, 0} end
-  local limit = tonumber(ARGV[6 + i])
+  local limit = tonumber(ARGV[5 + i])
   if limit >= 0 and tonumber(value) >= limit then return {1, i, tonumber(value), 0} end
 end
 for i = ns + 1, ns + nt do
   local value = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if value >= tonumber(ARGV[6 + i]) then return {2, i - ns, value, 0} end
+  if value >= tonumber(ARGV[5 + i]) then return {2, i - ns, value, 0} end
 end
 for i = ns + nt + 1, ns + nt + nr do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
-  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[6 + i]) then
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[5 + i]) then
     local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
     return {3, i - ns - nt, 0, tonumber(oldest[2]) + window - now}
   end
@@ -263,15 +286,16 @@ class LocalCounters:
         self._windows: dict[str, deque[int]] = {}
 
     def admit(self, plan: Plan) -> Verdict:
-        now = plan.now_ms
         with self._lock:
+            now = int(timezone.now().timestamp() * 1000)  # in the lock: windows stay in order
             for index, (key, limit, _) in enumerate(plan.spend, 1):
                 value = self._get(key)
                 if value is None:
                     return Verdict(4, index)
                 if 0 <= limit <= value:
                     return Verdict(1, index, value)
-            for index, (key, limit, _) in enumerate(plan.tokens, 1):
+            tokens = zip(plan.token_keys(plan.minute), plan.tokens, strict=True)
+            for index, (key, (_, limit, _)) in enumerate(tokens, 1):
                 value = self._get(key) or 0
                 if value >= limit:
                     return Verdict(2, index, value)
@@ -297,7 +321,7 @@ class LocalCounters:
                     self._values[key] = (value, time.monotonic() + SPEND_TTL)
                 spent.append(-1 if value is None else value)
             if tokens:
-                for key, _, _ in plan.tokens:
+                for key in plan.token_keys(_minute_now()):
                     self._values[key] = (
                         (self._get(key) or 0) + tokens,
                         time.monotonic() + WINDOW_MS / 1000,
@@ -348,11 +372,11 @@ class RedisCounters:
 
     def _admit_args(self, plan: Plan) -> tuple[list[str], list[Any]]:
         counts = [len(plan.spend), len(plan.tokens), len(plan.requests)]
-        keys = self._keys([c.key for c in plan.all])
-        return keys, [*counts, plan.now_ms, WINDOW_MS, plan.member, *(c.limit for c in plan.all)]
+        keys = self._keys(plan.admit_keys())
+        return keys, [*counts, WINDOW_MS, plan.member, *plan.limits]
 
     def _charge_args(self, plan: Plan, cost: int, tokens: int) -> tuple[list[str], list[Any]]:
-        keys = self._keys([c.key for c in plan.spend + plan.tokens])
+        keys = self._keys(plan.charge_keys(_minute_now()))
         return keys, [len(plan.spend), cost, tokens, WINDOW_MS]
 
     def _client(self) -> Any:
@@ -511,11 +535,13 @@ def _refuse(plan: Plan, verdict: Verdict) -> None:
         _, limit, mine = (plan.tokens if verdict.code == 2 else plan.requests)[verdict.index - 1]
         if verdict.code == 2:
             wait_ms = WINDOW_MS - plan.now_ms % WINDOW_MS
-            what = f"{limit:,} tokens per minute"
+            what = f"{limit:,} {'token' if limit == 1 else 'tokens'} per minute"
         else:
             wait_ms = verdict.wait_ms
-            what = f"{limit:,} requests per minute"
-        wait = max(1, math.ceil(wait_ms / 1000))
+            what = f"{limit:,} {'request' if limit == 1 else 'requests'} per minute"
+        # Within the window whatever the clocks say (a window entry of a worker whose
+        # clock is ahead of this one's).
+        wait = min(WINDOW_MS // 1000, max(1, math.ceil(wait_ms / 1000)))
         metrics.limit_refused(kind="tokens" if verdict.code == 2 else "requests")
         raise errors.RateLimited(
             f"Credential {title!r} allows {what}{' per user' if mine else ''}, and "

@@ -382,7 +382,7 @@ def test_a_users_requests_per_minute_leave_other_users_alone(
     other = django_user_model.objects.create_user("erin", password="not-used-Pw-4u8e")
     credential = credential_factory(base_url=upstream.base_url, user_requests_per_minute=1)
     chat(credential, user)
-    with pytest.raises(RateLimited, match="1 requests per minute per user, and your share"):
+    with pytest.raises(RateLimited, match="1 request per minute per user, and your share"):
         chat(credential, user)
     chat(credential, other)
 
