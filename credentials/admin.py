@@ -7,16 +7,18 @@ from typing import TYPE_CHECKING, Any
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
+from django.utils.http import urlencode
 from django.utils.timesince import timesince
 from django.views.decorators.debug import sensitive_post_parameters
 
@@ -33,6 +35,25 @@ sensitive_key = method_decorator(sensitive_post_parameters("api_key"))
 # Where a changelist row keeps its health (breaker status, last probe), read for the
 # whole page at once in get_changelist_instance.
 HEALTH = "_keyroute_health"
+# The name of the changelist's annotation: this month's spend of each credential.
+MONTH_SPEND = "month_spend"
+SUGGEST_URL = "admin:credentials_apikeycredentials_models"
+
+
+class ModelListWidget(forms.Textarea):
+    """The allowed models' text box, with a button that lists the credential's /models
+    as chips that add a name to the box (`suggest_url`: None before the first save)."""
+
+    template_name = "admin/credentials/model_list_widget.html"
+
+    def __init__(self, suggest_url: str | None = None, attrs: dict[str, Any] | None = None):
+        super().__init__(attrs)
+        self.suggest_url = suggest_url
+
+    def get_context(self, name: str, value: Any, attrs: dict[str, Any] | None) -> dict[str, Any]:
+        context = super().get_context(name, value, attrs)
+        context["widget"]["suggest_url"] = self.suggest_url
+        return context
 
 
 class CredentialForm(forms.ModelForm[APIKeyCredentials]):
@@ -47,6 +68,13 @@ class CredentialForm(forms.ModelForm[APIKeyCredentials]):
             "api_key",
             "base_url",
             "fallback",
+            "allowed_models",
+            "monthly_budget_usd",
+            "user_monthly_budget_usd",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "user_requests_per_minute",
+            "user_tokens_per_minute",
         ]
         # Garbage in a choice (words, NUL, a number beyond the column) is a form error,
         # never a query: see KeyChoiceField.
@@ -65,6 +93,16 @@ class CredentialForm(forms.ModelForm[APIKeyCredentials]):
         if "fallback" in self.fields and self.instance.pk:
             fallback: Any = self.fields["fallback"]
             fallback.queryset = fallback.queryset.exclude(pk=self.instance.pk)
+        if "allowed_models" in self.fields:
+            field = self.fields["allowed_models"]
+            adding = self.instance._state.adding
+            url = None if adding else reverse(SUGGEST_URL, args=[self.instance.pk])
+            field.widget = ModelListWidget(suggest_url=url, attrs=field.widget.attrs)
+        for name in ("monthly_budget_usd", "user_monthly_budget_usd"):
+            # 10, not the column's 10.00000000.
+            amount = self.initial.get(name)
+            if name in self.fields and isinstance(amount, Decimal):
+                self.initial[name] = Decimal(_plain(amount))
 
 
 class OwnershipFilter(admin.SimpleListFilter):
@@ -138,6 +176,19 @@ def _health(credentials: list[APIKeyCredentials]) -> dict[Any, Health]:
     }
 
 
+def _meter(spent: Decimal, budget: Decimal) -> dict[str, str]:
+    """A <meter>'s numbers, plain (never localized): yellow from the spend warning
+    (LLM_BUDGET_WARNING_PERCENT) on, full at the budget."""
+    warning = Decimal(str(settings.LLM_BUDGET_WARNING_PERCENT))
+    low = budget * warning / 100 if 0 < warning < 100 else budget
+    return {"value": _plain(min(spent, budget)), "max": _plain(budget), "low": _plain(low)}
+
+
+def _plain(amount: Decimal) -> str:
+    """3.75, 10: the digits that count, whatever precision the database answered with."""
+    return f"{amount.quantize(Decimal('0.00000001')).normalize():f}"
+
+
 def _ago(when: datetime) -> str:
     if (timezone.now() - when).total_seconds() < 60:
         return "just now"
@@ -164,6 +215,7 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
         "is_active",
         "expires_at",
         "last_used_at",
+        "month_spend_display",
         "health",
     ]
     list_filter = ["provider", "is_active", OwnershipFilter, ExpiryFilter]
@@ -177,11 +229,27 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
         "created_at",
         "updated_at",
         "last_used_at",
+        "spend_this_month",
         "usage",
     ]
     fieldsets = [
         (None, {"fields": ["title", "provider", "owner", "is_active", "expires_at"]}),
         ("Route", {"fields": ["api_key", "base_url", "effective_route", "fallback"]}),
+        (
+            "Limits",
+            {
+                "description": "Checked before each call with this credential. Budgets are "
+                "in USD per calendar month (UTC) and reset on the 1st at 00:00 UTC; rates "
+                "are per minute. Empty: no limit.",
+                "fields": [
+                    "allowed_models",
+                    ("monthly_budget_usd", "user_monthly_budget_usd"),
+                    ("requests_per_minute", "tokens_per_minute"),
+                    ("user_requests_per_minute", "user_tokens_per_minute"),
+                ],
+            },
+        ),
+        ("Spend this month", {"fields": ["spend_this_month"]}),
         ("History", {"fields": ["key_display", "created_at", "updated_at", "last_used_at"]}),
         ("Usage", {"fields": ["usage"]}),
     ]
@@ -229,6 +297,103 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
                 + f"?credential__id__exact={obj.pk}",
             },
         )
+
+    @admin.display(description="spend this month")
+    def spend_this_month(self, obj: APIKeyCredentials) -> str:
+        """This month's spend against the budget (a bar), the cap per user, and who and
+        which models spent most: the calls made with this credential, as budgets count."""
+        if obj._state.adding:
+            return "No calls yet."
+        from llm import limits, reports
+
+        start, end = reports.month_bounds()
+        spent = reports.month_spend(obj.pk)
+        budget, cap = obj.monthly_budget_usd, obj.user_monthly_budget_usd
+        users = reports.top_users(obj.pk)
+        for row in users:
+            row["share"] = f"{100 * row['cost'] / cap:.0f}%" if cap else None
+        records = reverse("admin:llm_usagerecord_changelist")
+        return render_to_string(
+            "admin/credentials/spend.html",
+            {
+                "month": f"{start:%B %Y}",
+                "spent": limits.dollars(spent),
+                "budget": None if budget is None else limits.dollars(budget),
+                "percent": f"{100 * spent / budget:.0f}%" if budget else None,
+                "over": budget is not None and spent >= budget,
+                "meter": _meter(spent, budget) if budget else None,
+                "resets": f"{end.day} {end:%B %Y} 00:00 UTC",
+                "cap": None if cap is None else limits.dollars(cap),
+                "users": [{**row, "cost": limits.dollars(row["cost"])} for row in users],
+                "models": [
+                    {**row, "cost": limits.dollars(row["cost"])}
+                    for row in reports.top_models(obj.pk)
+                ],
+                "records_url": records
+                + "?"
+                + urlencode(
+                    {
+                        "credential__id__exact": str(obj.pk),
+                        "created_at__gte": start.isoformat(),
+                        "created_at__lt": end.isoformat(),
+                    }
+                ),
+            },
+        )
+
+    @admin.display(description="spend this month", ordering=MONTH_SPEND)
+    def month_spend_display(self, obj: APIKeyCredentials) -> str:
+        from llm import limits, reports
+
+        spent = getattr(obj, MONTH_SPEND, None)
+        if spent is None:
+            spent = reports.month_spend(obj.pk)
+        if obj.monthly_budget_usd is None:
+            return limits.dollars(spent)
+        return f"{limits.dollars(spent)} / {limits.dollars(obj.monthly_budget_usd)}"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[APIKeyCredentials]:
+        from llm import reports
+
+        return super().get_queryset(request).annotate(**{MONTH_SPEND: reports.month_spend_column()})
+
+    def get_urls(self) -> list[URLPattern]:
+        name = f"{self.opts.app_label}_{self.opts.model_name}_models"
+        # Before the admin's own: its "<path:object_id>/" would take this address.
+        return [
+            path(
+                "<path:object_id>/models/",
+                self.admin_site.admin_view(self.models_view),
+                name=name,
+            ),
+            *super().get_urls(),
+        ]
+
+    def models_view(self, request: HttpRequest, object_id: str) -> JsonResponse:
+        """The credential's /models, for the allowed models' suggestions: GET /models with
+        its stored key at its stored base URL, hence the test permission."""
+        if request.method != "GET":
+            return JsonResponse({"error": "Only GET lists the models."}, status=405)
+        if not self.has_test_permission(request):
+            return JsonResponse(
+                {
+                    "error": "Listing a credential's models sends its key to its base URL: "
+                    "that needs the permission to test or to change API key credentials."
+                },
+                status=403,
+            )
+        credential = self.get_object(request, unquote(object_id))
+        if credential is None:
+            return JsonResponse({"error": "There is no credential with this id."}, status=404)
+        from llm import doctor, services
+
+        (result,) = services.probe([credential])
+        summary = _probe_summary(result)
+        doctor.remember(credential.pk, ok=not result.error, summary=summary)
+        self.log_change(request, credential, f"Listed its models: {summary}")
+        if result.error:
+            return JsonResponse({"error": result.error}, status=502)
+        return JsonResponse({"models": list(result.models)})
 
     def has_test_permission(self, request: HttpRequest) -> bool:
         """May run the probes that send a stored key to its base URL (Test connection,

@@ -7,8 +7,11 @@ from django.contrib.auth import get_user_model
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 
-from credentials.models import APIKeyCredentials
-from llm.models import UsageRecord
+from credentials.models import APIKeyCredentials, Provider
+from llm.models import CostSource, ModelPrice, UsageRecord
+
+# The cost sources, shortly, for the list's column.
+SOURCES = {CostSource.HEADER: "upstream", CostSource.PRICE_TABLE: "price table"}
 
 
 def _title_now(field: str) -> Subquery:
@@ -40,6 +43,19 @@ class KeptRelatedFilter(admin.RelatedFieldListFilter):
         return given or super().has_output()
 
 
+class UnpricedFilter(admin.SimpleListFilter):
+    title = "priced"
+    parameter_name = "unpriced"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Unpriced (tokens, no cost)")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "yes":
+            return queryset.filter(total_tokens__gt=0, cost_source=CostSource.NONE)
+        return queryset
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin[UsageRecord]):
     """Read-only: records are written by llm.services, one per call.
@@ -57,7 +73,8 @@ class UsageRecordAdmin(admin.ModelAdmin[UsageRecord]):
         "model",
         "route_host",
         "total_tokens",
-        "cost_usd",
+        "cost_display",
+        "cost_source_display",
         "latency_display",
         "outcome",
         "failed_over",
@@ -67,6 +84,8 @@ class UsageRecordAdmin(admin.ModelAdmin[UsageRecord]):
         "purpose",
         "outcome",
         "failed_over",
+        "cost_source",
+        UnpricedFilter,
         "created_at",
         ("credential", KeptRelatedFilter),
         ("user", KeptRelatedFilter),
@@ -92,12 +111,19 @@ class UsageRecordAdmin(admin.ModelAdmin[UsageRecord]):
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
-        "cost_usd",
+        "cost_display",
+        "cost_source",
         "latency_display",
         "outcome",
         "failed_over",
     ]
-    readonly_fields = ["credential_display", "serving_display", "user_display", "latency_display"]
+    readonly_fields = [
+        "credential_display",
+        "serving_display",
+        "user_display",
+        "cost_display",
+        "latency_display",
+    ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
         user_model = get_user_model()
@@ -129,6 +155,16 @@ class UsageRecordAdmin(admin.ModelAdmin[UsageRecord]):
         username: str | None = getattr(obj, "user_now", None)
         return username if username is not None else f"#{obj.user_id} (deleted)"
 
+    @admin.display(description="cost (USD)", ordering="cost_usd")
+    def cost_display(self, obj: UsageRecord) -> Any:
+        if obj.cost_usd is None and obj.total_tokens and obj.cost_source == CostSource.NONE:
+            return "unpriced"
+        return obj.cost_usd
+
+    @admin.display(description="cost from", ordering="cost_source")
+    def cost_source_display(self, obj: UsageRecord) -> str:
+        return SOURCES.get(CostSource(obj.cost_source), "none")
+
     @admin.display(description="latency", ordering="latency_ms")
     def latency_display(self, obj: UsageRecord) -> str:
         return f"{obj.latency_ms:.0f} ms"
@@ -141,3 +177,54 @@ class UsageRecordAdmin(admin.ModelAdmin[UsageRecord]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class PriceProviderFilter(admin.SimpleListFilter):
+    """By provider, "any provider" (an empty provider) included."""
+
+    title = "provider"
+    parameter_name = "provider"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("any", "Any provider"), *Provider.choices]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value == "any":
+            return queryset.filter(provider="")
+        if value in Provider.values:
+            return queryset.filter(provider=value)
+        return queryset
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin[ModelPrice]):
+    """The price table: what prices a call whose answer carries no cost (llm.prices)."""
+
+    list_display = [
+        "model",
+        "provider_display",
+        "input_usd_per_million",
+        "output_usd_per_million",
+        "updated_at",
+    ]
+    list_filter = [PriceProviderFilter]
+    search_fields = ["model"]
+    fieldsets = [
+        (
+            None,
+            {
+                "description": "Prices a call whose answer carries no cost (direct OpenAI, "
+                "OpenRouter, a proxy that sends none): prompt tokens times the input price "
+                "plus completion tokens times the output price, per million tokens. The "
+                "most specific row wins: an exact name before a * pattern, the "
+                "credential's provider before any provider. A free model gets 0 and 0. "
+                "manage.py import_model_prices loads LiteLLM's price map.",
+                "fields": ["model", "provider", "input_usd_per_million", "output_usd_per_million"],
+            },
+        )
+    ]
+
+    @admin.display(description="provider", ordering="provider")
+    def provider_display(self, obj: ModelPrice) -> str:
+        return obj.get_provider_display() if obj.provider else "any"

@@ -188,6 +188,10 @@ def admin_pages(admin: Visit, credentials: list[APIKeyCredentials]) -> None:
         pk = credential.pk
         admin.get(f"change form of {credential.title!r}", change_url(credential))
         admin.get(
+            f"model suggestions of {credential.title!r}",
+            reverse("admin:credentials_apikeycredentials_models", args=[pk]),
+        )
+        admin.get(
             f"history of {credential.title!r}",
             reverse("admin:credentials_apikeycredentials_history", args=[pk]),
         )
