@@ -1,18 +1,30 @@
 """Throughput of the site under many clients, next to its ceilings, in one run.
 
     python bench/concurrency.py [--levels 100,200,500] [--duration 10] [--delay 1.0]
-                                [--only chat|chat-off|healthz|bare|breaker]
+                                [--repeats 1] [--only ENDPOINT|breaker|limits]
 
 Starts, each in its own process on 127.0.0.1: tests/upstream.py answering every chat
-completion after --delay seconds; the site under uvicorn (1 worker, uvloop, httptools,
-as `make serve` runs it; DEBUG=false, LLM_MAX_RETRIES=0; the circuit breaker on, as by
-default); a second site process, the same with the breaker off (LLM_BREAKER_FAILURES=0);
-and bench/bare_app.py under uvicorn with the same flags: a bare ASGI app, no Django,
-making the site's SDK call (`chat.completions.with_raw_response.create`, then
-`.parse()`) with the site's client settings against the same upstream with the same
-fake key. A temporary SQLite database (or DATABASE_URL, when set: the rows made are
-removed afterwards) holds a user with a session and a credential of theirs pointing at
-the upstream; both site processes use them.
+completion after --delay seconds with a cost (x-litellm-response-cost, as LiteLLM sends:
+`python bench/limits.py slow`), and the same without a cost for chat-priced; the site
+under uvicorn (1 worker, uvloop, httptools, as `make serve` runs it; DEBUG=false,
+LLM_MAX_RETRIES=0; the circuit breaker on, as by default); a second site process, the
+same with the breaker off (LLM_BREAKER_FAILURES=0); and bench/bare_app.py under uvicorn
+with the same flags: a bare ASGI app, no Django, making the site's SDK call
+(`chat.completions.with_raw_response.create`, then `.parse()`) with the site's client
+settings against the same upstream with the same fake key. A temporary SQLite database
+(or DATABASE_URL, when set: the rows made are removed afterwards) holds a user with a
+session and credentials of theirs pointing at the upstream; both site processes use
+them. The cache is CACHE_URL's, in this process and the servers alike (local memory when
+unset; CACHE_URL=redis://127.0.0.1:6379/14 for Redis, as production runs).
+
+Spend control (issue 11) is measured on the first site process, by credential:
+"chat-limits" is chat through a credential with spend control configured (bench/limits.py:
+an allow-list matched by a pattern, a monthly budget and a cap per user, requests and
+tokens per minute for the credential and per user, none ever reached), "chat-priced" the
+same through a credential whose upstream sends no cost, so the price table (a thousand
+exact rows and 20 patterns) prices every answer. After the run, the spend counters are
+compared with the usage records (with Redis they are read from Redis, which shows that
+the server counted there).
 
 At each level, N virtual clients (an aiohttp load generator in this process, one
 ClientSession per phase with a connector limit of N) loop for --warmup + --duration
@@ -26,14 +38,20 @@ Django. Only requests that end inside the measured window count toward requests/
 latency; errors (non-200 answers, exceptions) count over the whole phase.
 Per phase it also prints the CPU time per answered request of the process driven and the
 most threads it had (both from /proc), and per level chat/ceiling, chat/(r) and the
-breaker's cost: chat/chat-off in answers/s and in CPU per answer.
+breaker's cost: chat/chat-off in answers/s and in CPU per answer, and spend control's:
+chat-limits/chat and chat-priced/chat. The chats run back to back at each level, their
+order turning from level to level (and repeat to repeat: --repeats runs each level
+again, and the ratios are the median of the repeats').
 
 Targets at the largest level (500 by default): 0 chat errors, chat >= 300 answers/s,
-chat >= 60% of (r), and chat/chat-off >= 0.97 in answers/s (checking the breaker puts no
-thread hop or round trip on a call); the exit status is 1 when they are missed. With
+chat >= 60% of (r), chat/chat-off >= 0.97 in answers/s (checking the breaker puts no
+thread hop or round trip on a call), chat-limits/chat and chat-priced/chat >= 0.95 in
+answers/s (spend control within 5%); the exit status is 1 when they are missed. With
 --only they are not checked, except --only breaker (chat and chat-off alone), which
-checks chat/chat-off. The whole default run takes about 3 minutes (12 phases of 12 s),
-and the processes started are stopped on the way out, Ctrl-C included.
+checks chat/chat-off, and --only limits (chat, chat-limits, chat-priced), which checks
+spend control's. The whole default run takes about 4 minutes (18 phases of 12 s);
+`--only limits --levels 500 --repeats 3` about 2.5. The processes started are stopped
+on the way out, Ctrl-C included.
 
 A LiteLLM proxy row (the same call through a real proxy) is planned once the project has
 a proxy test environment (a later issue); it is not measured yet.
@@ -57,11 +75,13 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,6 +93,10 @@ import aiohttp
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(1, str(PROJECT / "bench"))  # its sibling scripts
+
+import limits as spend  # noqa: E402 (after the path is set)
+
 KEY = "sk-test-fake-bench-concurrency-0001"
 MODEL = "gpt-test-mini"
 CHAT_BODY = (
@@ -81,17 +105,34 @@ CHAT_BODY = (
 # The bare app routes by its environment, not by a credential: the same body less that.
 BARE_BODY = b'{"model": "%s", "messages": [{"role": "user", "content": "ping"}]}'
 BARE_APP = "bare_app:app"  # served with --app-dir bench: nothing of the project on its path
-ENDPOINTS = ("chat", "chat-off", "healthz", "bare")
+ENDPOINTS = ("chat", "chat-off", "chat-limits", "chat-priced", "healthz", "bare")
 # --only takes an endpoint, or one of these groups.
-GROUPS = {"breaker": ("chat", "chat-off")}
-# chat-off: the same chat on a second site process with the circuit breaker off.
-SERVED_BY = {"chat": "site", "chat-off": "site-off", "healthz": "site", "bare": "bare"}
-CHATS = ("chat", "chat-off")  # the endpoints answered with the site's chat
+GROUPS = {"breaker": ("chat", "chat-off"), "limits": ("chat", "chat-limits", "chat-priced")}
+# chat-off: the same chat on a second site process with the circuit breaker off;
+# chat-limits and chat-priced: the first process, through credentials with spend control.
+SERVED_BY = {
+    "chat": "site",
+    "chat-off": "site-off",
+    "chat-limits": "site",
+    "chat-priced": "site",
+    "healthz": "site",
+    "bare": "bare",
+}
+# The endpoints answered with the site's chat, and the credential each uses.
+CREDENTIAL_OF = {
+    "chat": "chat",
+    "chat-off": "chat",
+    "chat-limits": "chat-limits",
+    "chat-priced": "chat-priced",
+}
+CHATS = tuple(CREDENTIAL_OF)
+SPEND_CONTROLLED = ("chat-limits", "chat-priced")
 LABELS = {"bare": "bare (r)"}  # the reference row of the table
 TARGET_ERRORS = 0
 TARGET_RATE = 300.0  # chat answers/s at the largest level
 TARGET_BARE_SHARE = 0.60  # chat/(r) at the largest level
 TARGET_BREAKER_SHARE = 0.97  # chat/chat-off (breaker on/off) at the largest level
+TARGET_LIMITS_SHARE = 0.95  # chat-limits/chat and chat-priced/chat at the largest level
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -131,12 +172,22 @@ def setup_django(
 class Fixtures:
     user_id: int
     session_key: str
-    credential_id: str
+    credentials: dict[str, str]  # the credential id of each chat endpoint
     headers: dict[str, str]  # cookies and CSRF header, as a signed-in browser sends them
+    prices: list[int]  # the price rows made for chat-priced
+
+    @property
+    def credential_id(self) -> str:
+        return self.credentials["chat"]
 
 
-def make_fixtures(upstream_url: str) -> Fixtures:
-    """A user signed in (a session row), a credential of theirs, a CSRF token pair."""
+def make_fixtures(
+    upstream_url: str, plain_url: str | None = None, *, limited: bool = False
+) -> Fixtures:
+    """A user signed in (a session row), a credential of theirs (chat's), a CSRF token
+    pair; with `limited`, a credential with spend control (chat-limits'), and with
+    `plain_url` (an upstream that sends no cost) one more and the price table
+    (chat-priced')."""
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.http import HttpRequest
@@ -148,11 +199,21 @@ def make_fixtures(upstream_url: str) -> Fixtures:
     user = get_user_model().objects.create_user(
         username=f"bench-concurrency-{os.getpid()}-{int(time.time())}"
     )
-    credential = APIKeyCredentials(
-        title="Bench concurrency", api_key=KEY, base_url=upstream_url, owner=user
-    )
-    credential.full_clean()
-    credential.save()
+    made: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "chat": ("Bench concurrency", upstream_url, {})
+    }
+    if limited:
+        made["chat-limits"] = ("Bench concurrency, limits", upstream_url, spend.SPEND_CONTROL)
+    if plain_url:
+        made["chat-priced"] = ("Bench concurrency, priced", plain_url, spend.SPEND_CONTROL)
+    credentials = {}
+    for endpoint, (title, base_url, spend_control) in made.items():
+        credential = APIKeyCredentials(
+            title=title, api_key=KEY, base_url=base_url, owner=user, **spend_control
+        )
+        credential.full_clean()
+        credential.save()
+        credentials[endpoint] = str(credential.pk)
     browser = Client()
     browser.force_login(user)
     session_key = browser.cookies[settings.SESSION_COOKIE_NAME].value
@@ -166,8 +227,9 @@ def make_fixtures(upstream_url: str) -> Fixtures:
     return Fixtures(
         user_id=user.pk,
         session_key=session_key,
-        credential_id=str(credential.pk),
+        credentials=credentials,
         headers={"Cookie": cookie, "X-CSRFToken": header_token},
+        prices=spend.add_price_table() if plain_url else [],
     )
 
 
@@ -180,7 +242,8 @@ def remove_fixtures(fixtures: Fixtures) -> None:
     from llm.models import UsageRecord
 
     UsageRecord.objects.filter(user_id=fixtures.user_id).delete()
-    APIKeyCredentials.objects.filter(pk=fixtures.credential_id).delete()
+    APIKeyCredentials.objects.filter(pk__in=fixtures.credentials.values()).delete()
+    spend.remove_price_table(fixtures.prices)
     Session.objects.filter(session_key=fixtures.session_key).delete()
     get_user_model().objects.filter(pk=fixtures.user_id).delete()
 
@@ -270,9 +333,13 @@ def running(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
 Service = tuple[subprocess.Popen[bytes], Callable[[], bool], str]
 
 
-def start_upstream(env: dict[str, str], delay: float, log: Path) -> Service:
+def start_upstream(env: dict[str, str], delay: float, log: Path, *, cost: bool = True) -> Service:
+    """tests/upstream.py; its answers carry a cost (bench/limits.py), unless not `cost`."""
     port = free_port()
-    args = [sys.executable, "-m", "tests.upstream", "--port", str(port), "--delay", str(delay)]
+    if cost:
+        args = [sys.executable, str(PROJECT / "bench" / "limits.py"), "slow", str(port), str(delay)]
+    else:
+        args = [sys.executable, "-m", "tests.upstream", "--port", str(port), "--delay", str(delay)]
     proc = spawn(args, env, log)
 
     def ready() -> bool:
@@ -382,6 +449,7 @@ class Phase:
     upstream_cpu: float = float("nan")
     bench_cpu: float = float("nan")
     max_threads: int = 0
+    repeat: int = 0  # which run of its level (--repeats)
     profile: str | None = None  # py-spy's raw stacks of the window
 
     @property
@@ -402,7 +470,7 @@ class Phase:
 @dataclass(frozen=True)
 class Watched:
     servers: dict[str, int]  # endpoint -> pid of the process answering it
-    upstream: int
+    upstreams: tuple[int, ...]
     py_spy: str | None  # output prefix, when profiling
 
     def server(self, endpoint: str) -> int:
@@ -449,14 +517,14 @@ async def drive(
             profiler = start_py_spy(watched, target.endpoint, clients, duration)
             cpu = (
                 cpu_seconds(server),
-                cpu_seconds(watched.upstream),
+                sum(map(cpu_seconds, watched.upstreams)),
                 own_cpu_seconds(),
             )
             while (now := time.perf_counter()) < stop_at:
                 phase.max_threads = max(phase.max_threads, threads(server))
                 await asyncio.sleep(min(0.25, stop_at - now))
             phase.server_cpu = cpu_seconds(server) - cpu[0]
-            phase.upstream_cpu = cpu_seconds(watched.upstream) - cpu[1]
+            phase.upstream_cpu = sum(map(cpu_seconds, watched.upstreams)) - cpu[1]
             phase.bench_cpu = own_cpu_seconds() - cpu[2]
             if profiler is not None:
                 await asyncio.to_thread(profiler.wait)
@@ -555,7 +623,7 @@ async def smoke_test(target: Target) -> None:
 # ---- report ----------------------------------------------------------------------------
 
 HEAD = (
-    f"{'clients':>7} {'endpoint':<8} {'req/s':>7} {'ideal':>6} {'of ideal':>8} {'errors':>6}"
+    f"{'clients':>7} {'endpoint':<11} {'req/s':>7} {'ideal':>6} {'of ideal':>8} {'errors':>6}"
     f" {'p50 ms':>7} {'p99 ms':>7} {'srv CPU':>7} {'CPU ms/req':>10} {'threads':>7}"
 )
 
@@ -570,7 +638,7 @@ def row(phase: Phase, delay: float) -> str:
         ideal = phase.clients / delay
         ideal_text = f"{ideal:>6.0f} {phase.rate / ideal:>8.1%}"
     return (
-        f"{phase.clients:>7} {label(phase.target.endpoint):<8} {phase.rate:>7.1f} {ideal_text}"
+        f"{phase.clients:>7} {label(phase.target.endpoint):<11} {phase.rate:>7.1f} {ideal_text}"
         f" {sum(phase.errors.values()):>6} {phase.percentile(0.5) * 1000:>7.0f}"
         f" {phase.percentile(0.99) * 1000:>7.0f} {phase.server_cpu / phase.window:>7.0%}"
         f" {phase.cpu_ms_per_request:>10.2f} {phase.max_threads:>7}"
@@ -589,6 +657,13 @@ def report(phases: dict[str, Phase], delay: float) -> None:
         on, off = phases["chat"], phases["chat-off"]
         cpu = on.cpu_ms_per_request / off.cpu_ms_per_request if off.server_cpu else float("nan")
         notes.append(f"breaker on/off: answers/s {share(on, off):.3f}, CPU ms/answer {cpu:.3f}")
+    for name in SPEND_CONTROLLED:
+        if "chat" in phases and name in phases:
+            on, off = phases[name], phases["chat"]
+            notes.append(
+                f"{name}/chat: answers/s {share(on, off):.3f}, "
+                f"CPU ms/answer {cpu_share(on, off):.3f}"
+            )
     load = " / ".join(f"{p.bench_cpu / p.window:.0%}" for p in phases.values())
     upstream = " / ".join(f"{p.upstream_cpu / p.window:.0%}" for p in phases.values())
     notes.append(f"CPU of one core: load generator {load}, upstream {upstream}")
@@ -608,40 +683,70 @@ def share(phase: Phase, reference: Phase) -> float:
     return phase.rate / reference.rate if reference.rate else 0.0
 
 
-def summary(phases: dict[str, Phase]) -> bool:
+def cpu_share(phase: Phase, reference: Phase) -> float:
+    """CPU per answer of `phase` over `reference`'s."""
+    mine, theirs = phase.cpu_ms_per_request, reference.cpu_ms_per_request
+    return mine / theirs if theirs and theirs == theirs else float("nan")
+
+
+def median_of(repeats: list[dict[str, Phase]], value: Callable[[dict[str, Phase]], float]) -> float:
+    return statistics.median(value(phases) for phases in repeats)
+
+
+def summary(repeats: list[dict[str, Phase]]) -> bool:
     """The targets, at the largest level, of the endpoints driven: 0 chat errors, a chat
-    rate and a share of (r) (when chat and bare were driven); chat/chat-off (when both)."""
+    rate and a share of (r) (when chat and bare were driven); chat/chat-off (when both);
+    chat-limits/chat and chat-priced/chat (when driven). With several repeats, rates and
+    ratios are the median of the repeats', errors their sum."""
     checks = []
+    phases = repeats[-1]
+    many = f" (median of {len(repeats)} repeats)" if len(repeats) > 1 else ""
     chat = phases.get("chat")
     if chat is not None and "bare" in phases:
-        bare, errors = phases["bare"], sum(chat.errors.values())
+        errors = sum(sum(p["chat"].errors.values()) for p in repeats)
+        rate = median_of(repeats, lambda p: p["chat"].rate)
+        of_bare = median_of(repeats, lambda p: share(p["chat"], p["bare"]))
         checks += [
             (errors <= TARGET_ERRORS, f"chat errors {errors} (target {TARGET_ERRORS})"),
+            (rate >= TARGET_RATE, f"chat {rate:.1f} answers/s{many} (target >= {TARGET_RATE:g})"),
             (
-                chat.rate >= TARGET_RATE,
-                f"chat {chat.rate:.1f} answers/s (target >= {TARGET_RATE:g})",
-            ),
-            (
-                share(chat, bare) >= TARGET_BARE_SHARE,
-                f"chat/(r) {share(chat, bare):.1%} (target >= {TARGET_BARE_SHARE:.0%})",
+                of_bare >= TARGET_BARE_SHARE,
+                f"chat/(r) {of_bare:.1%}{many} (target >= {TARGET_BARE_SHARE:.0%})",
             ),
         ]
     if chat is not None and "chat-off" in phases:
-        ratio = share(chat, phases["chat-off"])
+        ratio = median_of(repeats, lambda p: share(p["chat"], p["chat-off"]))
         checks.append(
             (
                 ratio >= TARGET_BREAKER_SHARE,
-                f"chat/chat-off (breaker on/off) {ratio:.3f} in answers/s "
+                f"chat/chat-off (breaker on/off) {ratio:.3f} in answers/s{many} "
                 f"(target >= {TARGET_BREAKER_SHARE:g})",
             )
         )
+    for name in SPEND_CONTROLLED:
+        if chat is None or name not in phases:
+            continue
+        ratios = [share(p[name], p["chat"]) for p in repeats]
+        ratio = statistics.median(ratios)
+        cpu = median_of(repeats, lambda p, name=name: cpu_share(p[name], p["chat"]))  # type: ignore[misc]
+        errors = sum(sum(p[name].errors.values()) for p in repeats)
+        shown = " ".join(f"{r:.3f}" for r in ratios)
+        checks += [
+            (
+                ratio >= TARGET_LIMITS_SHARE,
+                f"{name}/chat (spend control) {ratio:.3f} in answers/s{many} "
+                f"(target >= {TARGET_LIMITS_SHARE:g}; by repeat: {shown}; CPU per answer "
+                f"{cpu:.3f} of chat's)",
+            ),
+            (errors <= TARGET_ERRORS, f"{name} errors {errors} (target {TARGET_ERRORS})"),
+        ]
     clients = next(iter(phases.values())).clients
-    print(f"\nAt {clients} in flight (server CPU per answer in brackets):")
-    for phase in phases.values():
-        print(
-            f"  {label(phase.target.endpoint)}: {phase.rate:.1f} answers/s "
-            f"({phase.cpu_ms_per_request:.2f} ms), {sum(phase.errors.values())} errors"
-        )
+    print(f"\nAt {clients} in flight (server CPU per answer in brackets){many}:")
+    for endpoint in phases:
+        rate = median_of(repeats, lambda p, e=endpoint: p[e].rate)  # type: ignore[misc]
+        cpu = median_of(repeats, lambda p, e=endpoint: p[e].cpu_ms_per_request)  # type: ignore[misc]
+        errors = sum(sum(p[endpoint].errors.values()) for p in repeats)
+        print(f"  {label(endpoint)}: {rate:.1f} answers/s ({cpu:.2f} ms), {errors} errors")
     if chat is not None and "healthz" in phases:
         print(f"  chat/ceiling {share(chat, phases['healthz']):.1%} (no target)")
     if chat is not None and "chat-off" in phases:
@@ -651,6 +756,7 @@ def summary(phases: dict[str, Phase]) -> bool:
             f"p50 {chat.percentile(0.5) * 1000:.0f}/{off.percentile(0.5) * 1000:.0f} ms, "
             f"p99 {chat.percentile(0.99) * 1000:.0f}/{off.percentile(0.99) * 1000:.0f} ms, "
             f"CPU {chat.cpu_ms_per_request:.2f}/{off.cpu_ms_per_request:.2f} ms an answer"
+            + (" (last repeat)" if many else "")
         )
     return verdict(checks)
 
@@ -680,9 +786,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--delay", type=float, default=1.0, help="upstream seconds per answer")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request")
     parser.add_argument(
+        "--repeats", type=int, default=1, help="times each level runs (ratios: their median)"
+    )
+    parser.add_argument(
         "--only",
         choices=(*ENDPOINTS, *GROUPS),
-        help="drive one endpoint only; breaker: chat and chat-off (the breaker on and off)",
+        help="drive one endpoint only; breaker: chat and chat-off (the breaker on and off); "
+        "limits: chat, chat-limits and chat-priced (spend control)",
     )
     parser.add_argument(
         "--settings",
@@ -708,6 +818,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--levels takes positive whole numbers, e.g. 100,200,500")
     if args.duration <= 0 or args.warmup < 0 or args.delay < 0:
         parser.error("--duration must be > 0, --warmup and --delay >= 0")
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more")
     if args.py_spy and shutil.which("py-spy") is None:
         parser.error("--py-spy needs py-spy on PATH (pip install py-spy)")
     return args
@@ -715,6 +827,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.load_before = " ".join(f"{load:.2f}" for load in os.getloadavg())
     chosen = GROUPS.get(args.only, (args.only,)) if args.only else ENDPOINTS
     endpoints = [e for e in ENDPOINTS if e in chosen]
     given_database = os.environ.get("DATABASE_URL", "").strip() or None
@@ -728,19 +841,31 @@ def main() -> None:
             )
             procs.append(upstream)
             wait_until(upstream_ready, upstream, "the upstream", tmp / "upstream.log")
-            fixtures = make_fixtures(upstream_url)
+            upstreams, plain_url = [upstream.pid], None
+            if "chat-priced" in endpoints:
+                plain, plain_ready, plain_url = start_upstream(
+                    env, args.delay, tmp / "plain.log", cost=False
+                )
+                procs.append(plain)
+                upstreams.append(plain.pid)
+                wait_until(plain_ready, plain, "the upstream without a cost", tmp / "plain.log")
+            fixtures = make_fixtures(upstream_url, plain_url, limited="chat-limits" in endpoints)
             try:
                 servers = start_servers(args, env, upstream_url, endpoints, tmp, procs)
                 pids = {e: servers[SERVED_BY[e]].proc.pid for e in endpoints}
-                watched = Watched(pids, upstream.pid, args.py_spy)
+                watched = Watched(pids, tuple(upstreams), args.py_spy)
                 results = run(args, fixtures, servers, watched, endpoints)
                 wrap_up(servers, results, fixtures)
             finally:
                 for proc in procs:
                     stop(proc)
+                spend.forget_counters(list(map(uuid.UUID, fixtures.credentials.values())))
                 if given_database:
                     remove_fixtures(fixtures)
-    largest = {p.target.endpoint: p for p in results if p.clients == args.levels[-1]}
+    largest = [
+        {p.target.endpoint: p for p in results if p.clients == args.levels[-1] and p.repeat == n}
+        for n in range(args.repeats)
+    ]
     if args.only in (None, *GROUPS) and not summary(largest):
         sys.exit(1)
 
@@ -789,18 +914,57 @@ def wrap_up(servers: dict[str, Server], results: list[Phase], fixtures: Fixtures
         answered = smoke_tests + sum(p.answered for p in chats)
         driven = " and ".join(dict.fromkeys(p.target.endpoint for p in chats))
         print(f"  usage records written: {usage_rows(fixtures)} for {answered} {driven} answers")
+    for endpoint in SPEND_CONTROLLED:
+        if any(p.target.endpoint == endpoint for p in results):
+            print(f"  {endpoint}: {spend_text(fixtures.credentials[endpoint])}")
     for name, server in servers.items():
         phases = [p for p in results if SERVED_BY[p.target.endpoint] == name]
         code = server.proc.returncode
         if any(p.errors for p in phases) or code not in (0, -signal.SIGTERM):
             print(f"\nuvicorn ({name}) exited with {code}; its log ends with:")
             print(tail(server.log))
+        elif logged := log_messages(server.log):
+            # LOG_LEVEL=WARNING: what the site logged is what went wrong (a cache that did
+            # not answer, a flush that failed), even when every request was answered.
+            count = sum(logged.values())
+            print(f"  uvicorn ({name}) logged {count} message{'s' if count > 1 else ''}:")
+            for message, count in logged.most_common(5):
+                print(f"    {count} x {message[:200]}")
+
+
+def log_messages(log: Path) -> Counter[str]:
+    """The site's log lines, less uvicorn's own and the lines of tracebacks."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return Counter()
+    skipped = ("INFO:", " ", "Traceback", "The above exception", "During handling")
+    return Counter(line for line in lines if line.strip() and not line.startswith(skipped))
+
+
+def spend_text(credential_id: str) -> str:
+    """The credential's spend counter next to its usage records: equal when the server
+    counted in the cache this process reads (Redis), unreadable with local memory."""
+    from llm.models import CostSource, UsageRecord
+
+    counter, records = spend.spent(uuid.UUID(credential_id))
+    rows = UsageRecord.objects.filter(credential_id=uuid.UUID(credential_id), outcome="ok")
+    priced = rows.filter(cost_source=CostSource.PRICE_TABLE).count()
+    where = f"{priced} of {rows.count()} answers priced by the price table"
+    if counter is None:
+        return (
+            f"usage records ${records}; the spend counter is in the server's memory "
+            f"(local-memory cache); {where}"
+        )
+    agree = "equal" if counter == records else "DIFFERENT"
+    return f"spend counter (shared cache) ${counter}, usage records ${records}: {agree}; {where}"
 
 
 def make_target(endpoint: str, base: str, fixtures: Fixtures) -> Target:
     json_body = {"Content-Type": "application/json"}
     if endpoint in CHATS:
-        body = CHAT_BODY % (MODEL.encode(), fixtures.credential_id.encode())
+        credential_id = fixtures.credentials[CREDENTIAL_OF[endpoint]]
+        body = CHAT_BODY % (MODEL.encode(), credential_id.encode())
         headers = {**fixtures.headers, **json_body}
         return Target(endpoint, "POST", f"{base}/api/llm/chat", headers, body)
     if endpoint == "healthz":
@@ -823,7 +987,13 @@ def run(
 
     print(f"Machine: {machine()}")
     print(f"Versions: {versions()}")
-    print(f"Upstream: tests/upstream.py, {args.delay:g} s an answer")
+    print(f"Load average before the run: {args.load_before}")
+    print(
+        f"Upstream: tests/upstream.py, {args.delay:g} s an answer, with a cost "
+        f"(x-litellm-response-cost {spend.COST})"
+        + ("; chat-priced's without a cost" if "chat-priced" in endpoints else "")
+    )
+    print(f"Cache: {spend.cache_text()}")
     if "site" in servers or "site-off" in servers:
         print(
             f"Server: {args.app} under uvicorn, 1 worker, uvloop + httptools; "
@@ -835,6 +1005,12 @@ def run(
             "with the circuit breaker off (LLM_BREAKER_FAILURES=0); chat's has it on "
             f"(LLM_BREAKER_FAILURES={settings.LLM_BREAKER_FAILURES}); the two run back to "
             "back, which goes first alternating by level"
+        )
+    if any(e in SPEND_CONTROLLED for e in endpoints):
+        print(
+            "chat-limits, chat-priced: chat on the first site process through credentials "
+            f"with {spend.describe()}; chat-priced's answers carry no cost: "
+            f"{spend.price_table_text()}"
         )
     if "bare" in servers:
         print(
@@ -850,23 +1026,28 @@ def run(
         asyncio.run(smoke_test(target))
     print(HEAD)
     results: list[Phase] = []
-    for number, clients in enumerate(args.levels):
-        driven = {t.endpoint: run_phase(t, clients, args, watched) for t in order(targets, number)}
-        phases = {t.endpoint: driven[t.endpoint] for t in targets}  # the table's order
-        report(phases, args.delay)
-        results.extend(phases.values())
+    number = 0
+    for clients in args.levels:
+        for repeat in range(args.repeats):
+            driven = {
+                t.endpoint: run_phase(t, clients, args, watched) for t in order(targets, number)
+            }
+            number += 1
+            phases = {t.endpoint: driven[t.endpoint] for t in targets}  # the table's order
+            for phase in phases.values():
+                phase.repeat = repeat
+            report(phases, args.delay)
+            results.extend(phases.values())
     return results
 
 
 def order(targets: list[Target], number: int) -> list[Target]:
-    """The phases of level `number` in the order they run: chat and chat-off back to back,
-    chat-off first at every other level, so that neither always has the same neighbours."""
-    ordered = list(targets)
-    names = [t.endpoint for t in ordered]
-    if number % 2 and set(CHATS) <= set(names):
-        on, off = names.index("chat"), names.index("chat-off")
-        ordered[on], ordered[off] = ordered[off], ordered[on]
-    return ordered
+    """The phases of run `number` (a level, or a repeat of one) in the order they run: the
+    chats back to back, their order turning by one each run (chat and chat-off: which goes
+    first alternates), so that none always has the same neighbours."""
+    chats = [t for t in targets if t.endpoint in CHATS]
+    shift = number % len(chats) if chats else 0
+    return chats[shift:] + chats[:shift] + [t for t in targets if t.endpoint not in CHATS]
 
 
 def run_phase(target: Target, clients: int, args: argparse.Namespace, watched: Watched) -> Phase:
