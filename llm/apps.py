@@ -16,7 +16,7 @@ class LlmConfig(AppConfig):
 
         from credentials.models import APIKeyCredentials
         from credentials.signals import credentials_rotated
-        from llm import clients
+        from llm import clients, prices
         from llm.checks import check_failover_route
         from llm.models import ModelPrice
         from platform_site import copies
@@ -36,6 +36,7 @@ class LlmConfig(AppConfig):
 
         def prices_changed(sender: Any, **kwargs: Any) -> None:
             copies.bump()  # every worker reloads its price table (llm.prices)
+            prices.forget()
 
         post_save.connect(prices_changed, sender=ModelPrice, weak=False)
         post_delete.connect(prices_changed, sender=ModelPrice, weak=False)

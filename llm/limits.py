@@ -44,14 +44,17 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import functools
 import hashlib
 import logging
 import math
+import secrets
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -129,9 +132,9 @@ class Plan:
     month: tuple[datetime, datetime]
     now_ms: int
     member: str  # this call's entry in the requests windows
-    spend: list[Counter] = field(default_factory=list)
-    tokens: list[Counter] = field(default_factory=list)
-    requests: list[Counter] = field(default_factory=list)
+    spend: tuple[Counter, ...] = ()
+    tokens: tuple[Counter, ...] = ()
+    requests: tuple[Counter, ...] = ()
 
     def token_keys(self, minute: int) -> list[str]:
         """The tokens counters of the clock minute `minute`."""
@@ -158,26 +161,50 @@ class Plan:
 def _plan(credential: APIKeyCredentials, user: Any) -> Plan:
     now = timezone.now()
     user_id = user.pk if getattr(user, "is_authenticated", False) else None
-    now_ms = int(now.timestamp() * 1000)
-    plan = Plan(credential, user_id, month_of(now), now_ms, uuid.uuid4().hex)
-    cid = credential.pk.hex
-    if credential.has_budget:
-        key = spend_key(plan.month[0], credential.pk)
-        plan.spend.append(Counter(key, _limit(credential.monthly_budget_usd), False))
-        if credential.user_monthly_budget_usd is not None and user_id is not None:
-            cap = _limit(credential.user_monthly_budget_usd)
-            plan.spend.append(Counter(spend_key(plan.month[0], credential.pk, user_id), cap, True))
-    for limit, per_user, kind, into in (
-        (credential.tokens_per_minute, False, "tpm", plan.tokens),
-        (credential.user_tokens_per_minute, True, "tpm", plan.tokens),
-        (credential.requests_per_minute, False, "rpm", plan.requests),
-        (credential.user_requests_per_minute, True, "rpm", plan.requests),
-    ):
-        if limit is None or (per_user and user_id is None):
-            continue
-        owner = f":{user_id}" if per_user else ""
-        into.append(Counter(f"keyroute:{kind}:{cid}{owner}", limit, per_user))
-    return plan
+    month = _month(now.year, now.month) if now.tzinfo is UTC else month_of(now)
+    c = credential
+    spend, tokens, requests = _counters(
+        c.pk,
+        user_id,
+        month[0],
+        (c.monthly_budget_usd, c.user_monthly_budget_usd) if c.has_budget else None,
+        (c.tokens_per_minute, c.user_tokens_per_minute),
+        (c.requests_per_minute, c.user_requests_per_minute),
+    )
+    member = secrets.token_hex(8)
+    return Plan(c, user_id, month, int(now.timestamp() * 1000), member, spend, tokens, requests)
+
+
+@functools.lru_cache(maxsize=256)
+def _month(year: int, month: int) -> tuple[datetime, datetime]:
+    return month_of(datetime(year, month, 1, tzinfo=UTC))
+
+
+@functools.lru_cache(maxsize=4096)
+def _counters(
+    credential_id: uuid.UUID,
+    user_id: int | None,
+    month: datetime,
+    budgets: tuple[Decimal | None, Decimal | None] | None,
+    tokens: tuple[int | None, int | None],
+    requests: tuple[int | None, int | None],
+) -> tuple[tuple[Counter, ...], tuple[Counter, ...], tuple[Counter, ...]]:
+    """A call's counters: the same for every call of a user with a credential in a month
+    (so kept, not built per call)."""
+    spend = []
+    if budgets is not None:
+        budget, cap = budgets
+        spend.append(Counter(spend_key(month, credential_id), _limit(budget), False))
+        if cap is not None and user_id is not None:
+            spend.append(Counter(spend_key(month, credential_id, user_id), _limit(cap), True))
+    windows: dict[str, list[Counter]] = {"tpm": [], "rpm": []}
+    for kind, (overall, per_user) in (("tpm", tokens), ("rpm", requests)):
+        if overall is not None:
+            windows[kind].append(Counter(f"keyroute:{kind}:{credential_id.hex}", overall, False))
+        if per_user is not None and user_id is not None:
+            key = f"keyroute:{kind}:{credential_id.hex}:{user_id}"
+            windows[kind].append(Counter(key, per_user, True))
+    return tuple(spend), tuple(windows["tpm"]), tuple(windows["rpm"])
 
 
 def _minute_now() -> int:
@@ -366,6 +393,7 @@ class RedisCounters:
 
     def __init__(self, backend: RedisCache) -> None:
         self.backend = backend
+        self._sync: Any = None
 
     def _keys(self, keys: list[str]) -> list[str]:
         return [self.backend.make_and_validate_key(key) for key in keys]
@@ -380,7 +408,11 @@ class RedisCounters:
         return keys, [len(plan.spend), cost, tokens, WINDOW_MS]
 
     def _client(self) -> Any:
-        return self.backend._cache.get_client(write=True)  # type: ignore[attr-defined]
+        """One client over the cache's own pool (building one per command costs more than
+        the round trip)."""
+        if self._sync is None:
+            self._sync = self.backend._cache.get_client(write=True)  # type: ignore[attr-defined]
+        return self._sync
 
     def admit(self, plan: Plan) -> Verdict:
         return Verdict(*_run(self._client(), ADMIT, *self._admit_args(plan)))
@@ -434,10 +466,18 @@ async def _arun(client: Any, script: str, keys: list[str], args: list[Any]) -> A
         return await client.eval(script, len(keys), *keys, *args)
 
 
+_redis: weakref.WeakKeyDictionary[RedisCache, RedisCounters] = weakref.WeakKeyDictionary()
+
+
 def counters() -> RedisCounters | LocalCounters:
     """The shared counters: Redis when the cache is Redis, else this process's."""
     backend = caches["default"]
-    return RedisCounters(backend) if isinstance(backend, RedisCache) else local
+    if not isinstance(backend, RedisCache):
+        return local
+    store = _redis.get(backend)
+    if store is None:
+        store = _redis[backend] = RedisCounters(backend)
+    return store
 
 
 # ---- admission --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -31,6 +32,10 @@ from platform_site.copies import LocalCopies
 log = logging.getLogger(__name__)
 
 MILLION = Decimal(1_000_000)
+# Lookups a table keeps (model names come from users: bounded).
+MAX_FOUND = 10_000
+# Sync code asks whether the table changed at most this often (a cache read each time).
+SYNC_CHECK_SECONDS = 1.0
 # Costs are kept to the usage column's precision.
 CENT_MILLIONTH = Decimal("0.00000001")
 
@@ -64,11 +69,21 @@ class PriceTable:
         # Most literal characters first; a provider's row before any provider's.
         patterns.sort(key=lambda p: (-p[0], p[1] == ""))
         self.patterns = [(provider, regex, price) for _, provider, regex, price in patterns]
+        self._found: dict[tuple[str, str | None], Price | None] = {}
 
     def __len__(self) -> int:
         return len(self.exact) + len(self.patterns)
 
     def price(self, model: str, provider: str | None) -> Price | None:
+        """The price of `model` for a credential of `provider` (kept once looked up)."""
+        key = (model, provider)
+        if key not in self._found:
+            if len(self._found) > MAX_FOUND:
+                self._found.clear()
+            self._found[key] = self._look_up(model, provider)
+        return self._found[key]
+
+    def _look_up(self, model: str, provider: str | None) -> Price | None:
         providers = (provider, "") if provider else ("",)
         for name in providers:
             if (found := self.exact.get((model, name))) is not None:
@@ -87,8 +102,22 @@ _tables: LocalCopies[str, PriceTable] = LocalCopies("prices", _load)
 _warned: set[str] = set()
 
 
+_sync_table: tuple[float, PriceTable] | None = None
+
+
 def table() -> PriceTable:
-    return _tables.get("all") or PriceTable([])
+    """The table, for sync code: a change reaches it within SYNC_CHECK_SECONDS."""
+    global _sync_table
+    now = time.monotonic()
+    if _sync_table is None or now - _sync_table[0] >= SYNC_CHECK_SECONDS:
+        _sync_table = (now, _tables.get("all") or PriceTable([]))
+    return _sync_table[1]
+
+
+def forget() -> None:
+    """A price changed in this process: its sync code reads the table again at once."""
+    global _sync_table
+    _sync_table = None
 
 
 async def atable() -> PriceTable:

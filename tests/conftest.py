@@ -53,6 +53,15 @@ def _fresh_breakers() -> Iterator[None]:
     breakers.reset()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_prices() -> None:
+    """Sync code checks the price table once a second; a rolled-back test deletes its
+    prices without a signal."""
+    from llm import prices
+
+    prices.forget()
+
+
 @pytest.fixture
 def alice(django_user_model: Any) -> Any:
     """A signed-up user; tests that need an owner other than the admin use her."""
