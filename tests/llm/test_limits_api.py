@@ -376,8 +376,7 @@ def test_the_platforms_rate_limit_answers_429_with_retry_after_and_never_fails_o
     assert refused.status_code == 429, refused.content
     assert refused.json()["error"]["type"] == "RateLimited"
     assert (
-        "Credential 'Team mini' allows 1 request per minute"
-        in (refused.json()["error"]["message"])
+        "Credential 'Team mini' allows 1 request per minute" in (refused.json()["error"]["message"])
     )
     assert 1 <= int(refused["Retry-After"]) <= 60
     assert len(chats(offering)) == 1
