@@ -19,7 +19,6 @@ class LlmConfig(AppConfig):
         from llm import clients, prices
         from llm.checks import check_failover_route
         from llm.models import ModelPrice
-        from platform_site import copies
 
         checks.register(check_failover_route)
 
@@ -35,8 +34,7 @@ class LlmConfig(AppConfig):
                 clients.evict()
 
         def prices_changed(sender: Any, **kwargs: Any) -> None:
-            copies.bump()  # every worker reloads its price table (llm.prices)
-            prices.forget()
+            prices.changed()
 
         post_save.connect(prices_changed, sender=ModelPrice, weak=False)
         post_delete.connect(prices_changed, sender=ModelPrice, weak=False)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from llm.models import CostSource, ModelPrice
+from platform_site import copies
 from platform_site.copies import LocalCopies
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,15 @@ def table() -> PriceTable:
     return _sync_table[1]
 
 
+def changed() -> None:
+    """Prices were saved or deleted: every worker reloads its table (the copies' stamp),
+    this process at once, sync code included."""
+    copies.bump()
+    forget()
+
+
 def forget() -> None:
-    """A price changed in this process: its sync code reads the table again at once."""
+    """Sync code in this process reads the table again at its next call."""
     global _sync_table
     _sync_table = None
 

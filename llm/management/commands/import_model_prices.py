@@ -29,8 +29,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from credentials.models import Provider
+from llm import prices
 from llm.models import ModelPrice
-from platform_site import copies
 
 MILLION = Decimal(1_000_000)
 PLACES = Decimal("0.000001")  # the price columns' precision
@@ -95,10 +95,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        prices = self.read(Path(options["path"]))
+        price_map = self.read(Path(options["path"]))
         rows: dict[tuple[str, str], ModelPrice] = {}
         skipped = 0
-        for name, entry in prices.items():
+        for name, entry in price_map.items():
             row = row_of(name, entry, options["provider"])
             if row is None:
                 skipped += name != "sample_spec"
@@ -122,7 +122,7 @@ class Command(BaseCommand):
                 unique_fields=["model", "provider"],
                 update_fields=["input_usd_per_million", "output_usd_per_million", "updated_at"],
             )
-            copies.bump()  # bulk writes send no signal: every worker reloads its prices
+            prices.changed()  # bulk writes send no signal
         updated = len(existing & rows.keys())
         self.stdout.write(
             f"Imported {len(rows)} prices ({len(rows) - updated} new, {updated} updated); "
