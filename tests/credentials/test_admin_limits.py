@@ -15,8 +15,6 @@ from html import unescape
 
 import pytest
 from django.contrib.admin.models import LogEntry
-from django.contrib.auth.models import Permission
-from django.contrib.contenttypes.models import ContentType
 from django.urls import reverse
 from django.utils import timezone
 
@@ -82,26 +80,6 @@ def proxy(start_upstream):
 @pytest.fixture
 def credential(credential_factory, proxy):
     return credential_factory(title="Team proxy", base_url=proxy.base_url)
-
-
-@pytest.fixture
-def staff(client, django_user_model):
-    """Sign in a staff user holding only the given credentials permissions ("view",
-    "change", "test")."""
-
-    def sign_in(*permissions: str):
-        user = django_user_model.objects.create_user("staffer", is_staff=True)
-        for name in permissions:
-            user.user_permissions.add(
-                Permission.objects.get(
-                    codename=f"{name}_apikeycredentials",
-                    content_type=ContentType.objects.get_for_model(APIKeyCredentials),
-                )
-            )
-        client.force_login(user)
-        return client
-
-    return sign_in
 
 
 # ---- the Limits fieldset ------------------------------------------------------------------

@@ -1,9 +1,14 @@
 """Fixtures the LLM tests share: alice's credential on an upstream that reports
-a cost (x-litellm-response-cost: 0.0042)."""
+a cost (x-litellm-response-cost: 0.0042); spend control's counters, local or in Redis."""
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 import pytest
+
+from tests.conftest import TEST_REDIS_URL
 
 
 @pytest.fixture
@@ -14,3 +19,15 @@ def costly(start_upstream):
 @pytest.fixture
 def credential(credential_factory, alice, costly):
     return credential_factory(title="Alice proxy", owner=alice, base_url=costly.base_url)
+
+
+@pytest.fixture(params=["local", "redis"])
+def counters(request: pytest.FixtureRequest, settings: Any) -> str:
+    """The counters in this process's own cache, or in the tests' Redis."""
+    if request.param == "local":
+        backend = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+        settings.CACHES = {"default": {**backend, "LOCATION": f"test-{uuid.uuid4()}"}}
+    else:
+        backend = {"BACKEND": "django.core.cache.backends.redis.RedisCache"}
+        settings.CACHES = {"default": {**backend, "LOCATION": TEST_REDIS_URL}}
+    return str(request.param)

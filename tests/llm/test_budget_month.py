@@ -7,7 +7,6 @@ process and of its upstream thread) across the end of November 2026.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,19 +28,6 @@ MODEL = "gpt-test-mini"
 HI = [{"role": "user", "content": "hi"}]
 NOVEMBER_LAST_MINUTE = datetime(2026, 11, 30, 23, 59, tzinfo=UTC)
 DECEMBER_FIRST = datetime(2026, 12, 1, tzinfo=UTC)
-
-
-@pytest.fixture(params=["local", "redis"])
-def counters(request: pytest.FixtureRequest, settings: Any) -> str:
-    """The counters in this process's own cache, or in the tests' Redis."""
-    if request.param == "local":
-        backend = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-        settings.CACHES = {"default": {**backend, "LOCATION": f"test-{uuid.uuid4()}"}}
-    else:
-        backend = {"BACKEND": "django.core.cache.backends.redis.RedisCache"}
-        settings.CACHES = {"default": {**backend, "LOCATION": TEST_REDIS_URL}}
-    settings.LLM_SPEND_RECONCILE_SECONDS = 0  # no reconciler thread in the test process
-    return str(request.param)
 
 
 @pytest.fixture(params=["sync", "async"])

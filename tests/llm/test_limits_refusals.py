@@ -11,7 +11,6 @@ ticks): a minute's tokens do not start afresh during a test.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -116,19 +115,6 @@ CASES = {
         per_user=True,
     ),
 }
-
-
-@pytest.fixture(params=["local", "redis"])
-def counters(request: pytest.FixtureRequest, settings: Any) -> str:
-    """The counters in this process's own cache, or in the tests' Redis."""
-    if request.param == "local":
-        backend = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-        settings.CACHES = {"default": {**backend, "LOCATION": f"test-{uuid.uuid4()}"}}
-    else:
-        backend = {"BACKEND": "django.core.cache.backends.redis.RedisCache"}
-        settings.CACHES = {"default": {**backend, "LOCATION": TEST_REDIS_URL}}
-    settings.LLM_SPEND_RECONCILE_SECONDS = 0  # no reconciler thread in the test process
-    return str(request.param)
 
 
 async def astreamed(**arguments: Any) -> services.ChatResult:
