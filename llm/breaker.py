@@ -89,7 +89,7 @@ class Status:
 class _View:
     """What this process knows of one base URL's breaker."""
 
-    __slots__ = ("failures", "known", "next_claim", "open_until", "probing", "state", "version")
+    __slots__ = ("failures", "known", "next_claim", "open_until", "probing", "state", "unwritten")
 
     def __init__(self) -> None:
         self.known = False  # the shared state was read once (or the cache failed)
@@ -98,7 +98,7 @@ class _View:
         self.probing = False  # this process holds the half-open probe
         self.next_claim = 0.0  # after losing a claim, when to try claiming again
         self.state: State = "closed"  # as last reported (logs, metrics)
-        self.version = 0  # bumped by every local change (see `_refresh`)
+        self.unwritten = 0  # local changes the thread has not written to the cache yet
 
 
 def _keys(base_url: str) -> tuple[str, str, str]:
@@ -115,7 +115,7 @@ class Breakers:
     def __init__(self) -> None:
         self._views: dict[str, _View] = {}
         self._lock = threading.Lock()
-        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, _View, str]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._shared = True  # the cache answered last time we asked
@@ -212,7 +212,7 @@ class Breakers:
             if ticket.probe:
                 with self._lock:
                     view.probing = False
-                self._publish(ticket.base_url, "release")
+                    self._publish(ticket.base_url, view, "release")
             return
         failed = error is not None and bool(getattr(error, "connection_level", False))
         if failed:
@@ -222,28 +222,25 @@ class Breakers:
             # to a call sent before (a long completion) closes nothing.
             with self._lock:
                 view.failures, view.open_until, view.probing = 0, 0.0, False
-                view.version += 1
+                self._publish(ticket.base_url, view, "closed")
             self._changed(ticket.base_url, view, "closed")
-            self._publish(ticket.base_url, "closed")
         elif view.failures and not view.open_until:
             with self._lock:
                 view.failures = 0  # the streak is broken
-                view.version += 1
-            self._publish(ticket.base_url, "answered")
+                self._publish(ticket.base_url, view, "answered")
 
     def _failed(self, ticket: Ticket, view: _View) -> None:
         with self._lock:
             view.failures += 1
-            view.version += 1
             reopen = ticket.probe or (
                 not view.open_until and view.failures >= settings.LLM_BREAKER_FAILURES
             )
             if reopen:
                 view.open_until = time.time() + self._cooldown()  # a fresh deadline
             view.probing = False if ticket.probe else view.probing
+            self._publish(ticket.base_url, view, "probe-failed" if ticket.probe else "failed")
         if reopen:
             self._changed(ticket.base_url, view, "open")
-        self._publish(ticket.base_url, "probe-failed" if ticket.probe else "failed")
 
     # ---- claims -----------------------------------------------------------------------
 
@@ -331,8 +328,17 @@ class Breakers:
                 self._thread.start()
         return view
 
-    def _publish(self, base_url: str, event: str) -> None:
-        self._events.put((base_url, event))  # written by the thread: no I/O on a call's path
+    def _publish(self, base_url: str, view: _View, event: str) -> None:
+        """Queue a local change for the thread to write: no I/O on a call's path. The
+        caller holds the lock, so no refresh can read the cache between the change and
+        its count in `unwritten`."""
+        view.unwritten += 1
+        self._events.put((base_url, view, event))
+
+    def _written(self, events: list[tuple[str, _View, str]]) -> None:
+        with self._lock:
+            for _, view, _ in events:
+                view.unwritten -= 1
 
     def _run(self) -> None:
         next_refresh = time.monotonic()
@@ -345,8 +351,11 @@ class Breakers:
             except queue.Empty:
                 events = []
             try:
-                for base_url, event in events:
-                    self._write(base_url, event)
+                try:
+                    for base_url, _, event in events:
+                        self._write(base_url, event)
+                finally:
+                    self._written(events)  # or given up on: a later refresh tells
                 if time.monotonic() >= next_refresh:
                     next_refresh = time.monotonic() + float(settings.LLM_BREAKER_REFRESH_SECONDS)
                     self._refresh()
@@ -382,16 +391,18 @@ class Breakers:
 
     def _refresh(self) -> None:
         with self._lock:
-            views = [(url, view, view.version) for url, view in self._views.items()]
+            views = list(self._views.items())
         if not views:
             return
-        found = cache.get_many([key for url, _, _ in views for key in _keys(url)[:2]])
+        found = cache.get_many([key for url, _ in views for key in _keys(url)[:2]])
         now = time.time()
-        for url, view, version in views:
+        for url, view in views:
             failures_key, open_key, _ = _keys(url)
             with self._lock:
-                if view.version != version:
-                    continue  # changed here meanwhile: the cache is behind
+                if view.unwritten:
+                    # Changed here and not written yet (only this thread writes, and it
+                    # is here): the cache is behind this process, not ahead of it.
+                    continue
                 view.failures = int(found.get(failures_key) or 0)
                 view.open_until = float(found.get(open_key) or 0)
                 view.known = True

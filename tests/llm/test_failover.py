@@ -18,7 +18,7 @@ from django.test import Client
 
 from credentials.models import PLATFORM, APIKeyCredentials
 from llm import services
-from llm.breaker import breakers
+from llm.breaker import Ticket, breakers
 from llm.errors import CredentialRejected, LLMError, ProxyUnreachable, RateLimited, UpstreamError
 from llm.models import UsageRecord
 from tests.conftest import FAKE_KEY
@@ -506,6 +506,29 @@ def test_an_answer_to_a_call_sent_before_the_breaker_opened_does_not_close_it(
     assert breakers.state(proxy.base_url) == "open"
     assert later == ["circuit breaker open"] * 3
     assert knocks == 0
+
+
+def test_the_shared_state_read_before_this_process_wrote_its_failure_keeps_the_breaker_open(
+    private_cache, settings
+):
+    """The breaker thread re-reads the shared state once a second. A read that falls
+    between the failure that opens the breaker here and the thread's write of it finds
+    the cache still closed: the breaker must stay open (CI once saw it close at once)."""
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    refused = ProxyUnreachable("Connection refused.", fault="refused")
+
+    for _ in range(settings.LLM_BREAKER_FAILURES):
+        breakers.done(Ticket(url), refused)
+        breakers._refresh()  # the thread's read, at the worst moment it can come
+        # (the test's thread holds the GIL, so the thread has seldom written by now)
+
+    assert breakers.state(url) == "open"
+    deadline = time.monotonic() + 5
+    while breakers.status(url).state != "open":  # then written, for the other workers
+        assert time.monotonic() < deadline, "the open breaker never reached the cache"
+        time.sleep(0.02)
+    breakers._refresh()
+    assert breakers.state(url) == "open"
 
 
 def test_with_the_breaker_off_every_call_tries_the_proxy_and_nothing_says_open(
