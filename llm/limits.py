@@ -20,12 +20,16 @@ The counters live in the shared cache, so every worker sees the same ones:
   burst of any size from any number of workers, exactly the limit is admitted. Requests
   per minute is a sliding window (at most N in any 60 s, on Redis's clock); tokens per
   minute counts the tokens of the calls that ended in the current clock minute.
-  `charge` is a second script;
+  `charge` adds a call's cost and tokens to this process's `Charges`, which a thread
+  sends in one script: at once when it was idle, then at most every
+  LLM_CHARGE_FLUSH_SECONDS (0.1 s; 0: each call sends its own, in the call). This
+  process's admits count what it has not sent yet; the other workers see it once sent.
+  A send that fails is kept and sent again (numbered, so that it counts once);
 - with another cache (local memory), the counters are this process's own: each worker
   admits its own N (documented; `check --deploy` warns about several workers on a
   local cache);
 - when Redis does not answer, each process counts alone until it does (logged once a
-  minute).
+  minute); the charges of the calls it admits meanwhile are kept for Redis all the same.
 
 Spend counts in units of 1e-8 USD, the usage column's precision. A spend counter that
 is missing (a new month, a new budget, Redis wiped) is seeded from the usage records
@@ -37,24 +41,28 @@ LLM_USAGE_FLUSH_SECONDS, so a counter seeded from them may lack the last seconds
 Overshoot: a budget is checked before a call and charged after it, so the calls in
 flight when the spend crosses the budget all complete: the spend can exceed the budget
 by at most the cost of the calls in flight at that moment (with max_tokens, each is at
-most max_tokens times the output price). Tokens per minute overshoot alike.
+most max_tokens times the output price), and of the calls other workers admit in the
+LLM_CHARGE_FLUSH_SECONDS before the last charges reach Redis. Tokens per minute overshoot
+alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import calendar
 import functools
 import hashlib
 import logging
 import math
+import os
 import secrets
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -70,6 +78,7 @@ from redis.exceptions import NoScriptError
 from credentials.models import APIKeyCredentials
 from llm import errors, metrics
 from platform_site import shared_cache
+from platform_site.signals import worker_stopping
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +153,6 @@ class Plan:
         """What `admit` reads: spend, the tokens of this minute, the requests windows."""
         spend, requests = [c.key for c in self.spend], [c.key for c in self.requests]
         return spend + self.token_keys(self.minute) + requests
-
-    def charge_keys(self, minute: int) -> list[str]:
-        """What `charge` adds to: spend, and the tokens of the minute the call ended in."""
-        return [c.key for c in self.spend] + self.token_keys(minute)
 
     @property
     def limits(self) -> list[int]:
@@ -239,21 +244,24 @@ MISSING = 4
 SEED_TRIES = 3
 
 # KEYS: spend, tokens, requests counters. ARGV: how many of each, the window (ms), this
-# call's member, then the limits in KEYS' order. The requests windows run on Redis's
-# clock, which every worker shares (theirs may differ).
+# call's member, the limits in KEYS' order, then what this process charged to each spend
+# and tokens counter and has not sent yet (`Charges`). The requests windows run on
+# Redis's clock, which every worker shares (theirs may differ).
 ADMIT = """
 local ns, nt, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, member = tonumber(ARGV[4]), ARGV[5]
+local unsent = 5 + ns + nt + nr
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for i = 1, ns do
   local value = redis.call('GET', KEYS[i])
   if not value then return {4, i, 0, 0} end
+  value = tonumber(value) + tonumber(ARGV[unsent + i])
   local limit = tonumber(ARGV[5 + i])
-  if limit >= 0 and tonumber(value) >= limit then return {1, i, tonumber(value), 0} end
+  if limit >= 0 and value >= limit then return {1, i, value, 0} end
 end
 for i = ns + 1, ns + nt do
-  local value = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local value = tonumber(redis.call('GET', KEYS[i]) or '0') + tonumber(ARGV[unsent + i])
   if value >= tonumber(ARGV[5 + i]) then return {2, i - ns, value, 0} end
 end
 for i = ns + nt + 1, ns + nt + nr do
@@ -270,24 +278,29 @@ end
 return {0, 0, 0, 0}
 """
 
-# KEYS: spend counters, then tokens counters. ARGV: how many spend counters, the cost
-# (units), the tokens, the tokens counters' life (ms). Returns each spend counter after
-# the charge (-1: missing; it is seeded from the usage records, which hold this call).
+# KEYS: the sender's last batch number, spend counters, then tokens counters. ARGV: this
+# batch's number (0: a call's own charge, not numbered), how many spend counters, the
+# tokens counters' life (ms), then the amount for each counter. A numbered batch runs
+# once: sent again after its answer was lost, it changes nothing. Returns each spend
+# counter after the charge (-1: missing; it is seeded from the usage records, which
+# hold the calls charged).
 CHARGE = """
-local ns, cost, tokens = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local batch, ns = tonumber(ARGV[1]), tonumber(ARGV[2])
+if batch > 0 then
+  if batch <= tonumber(redis.call('GET', KEYS[1]) or '0') then return false end
+  redis.call('SET', KEYS[1], batch, 'EX', 86400)
+end
 local spent = {}
-for i = 1, ns do
+for i = 2, ns + 1 do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    spent[i] = redis.call('INCRBY', KEYS[i], cost)
+    spent[i - 1] = redis.call('INCRBY', KEYS[i], ARGV[2 + i])
   else
-    spent[i] = -1
+    spent[i - 1] = -1
   end
 end
-if tokens > 0 then
-  for i = ns + 1, #KEYS do
-    redis.call('INCRBY', KEYS[i], tokens)
-    redis.call('PEXPIRE', KEYS[i], ARGV[4])
-  end
+for i = ns + 2, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[2 + i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
 end
 return spent
 """
@@ -394,6 +407,7 @@ class RedisCounters:
     def __init__(self, backend: RedisCache) -> None:
         self.backend = backend
         self._sync: Any = None
+        self.charges = _charges(self)
 
     def _keys(self, keys: list[str]) -> list[str]:
         return [self.backend.make_and_validate_key(key) for key in keys]
@@ -401,11 +415,25 @@ class RedisCounters:
     def _admit_args(self, plan: Plan) -> tuple[list[str], list[Any]]:
         counts = [len(plan.spend), len(plan.tokens), len(plan.requests)]
         keys = self._keys(plan.admit_keys())
-        return keys, [*counts, WINDOW_MS, plan.member, *plan.limits]
+        unsent = self.charges.unsent(keys[: counts[0] + counts[1]])
+        return keys, [*counts, WINDOW_MS, plan.member, *plan.limits, *unsent]
 
-    def _charge_args(self, plan: Plan, cost: int, tokens: int) -> tuple[list[str], list[Any]]:
-        keys = self._keys(plan.charge_keys(_minute_now()))
-        return keys, [len(plan.spend), cost, tokens, WINDOW_MS]
+    def batch(self, plan: Plan, cost: int, tokens: int) -> Batch:
+        """One call's charge: its cost to the spend counters, its tokens to this minute's."""
+        batch = Batch()
+        if cost:
+            keys = self._keys([c.key for c in plan.spend])
+            for key, counter in zip(keys, plan.spend, strict=True):
+                batch.spend[key] = cost
+                batch.owners[key] = (plan.credential, plan.user_id, counter)
+        if tokens:
+            batch.tokens = dict.fromkeys(self._keys(plan.token_keys(_minute_now())), tokens)
+        return batch
+
+    def _send_args(self, batch: Batch, number: int, sender: str) -> tuple[list[str], list[Any]]:
+        amounts = [*batch.spend.values(), *batch.tokens.values()]
+        keys = [*self._keys([f"keyroute:charges:{sender}"]), *batch.spend, *batch.tokens]
+        return keys, [number, len(batch.spend), WINDOW_MS, *amounts]
 
     def _client(self) -> Any:
         """One client over the cache's own pool (building one per command costs more than
@@ -421,25 +449,139 @@ class RedisCounters:
         client = await shared_cache.aclient(self.backend)
         return Verdict(*await _arun(client, ADMIT, *self._admit_args(plan)))
 
-    def charge(self, plan: Plan, cost: int, tokens: int) -> list[int]:
-        return list(_run(self._client(), CHARGE, *self._charge_args(plan, cost, tokens)))
+    def send(self, batch: Batch, number: int = 0, sender: str = "") -> list[int] | None:
+        """Add `batch` to the counters; each spend counter after. `number`: the batch's
+        among `sender`'s, so that sent again it counts once (None: it was, already)."""
+        args = self._send_args(batch, number, sender)
+        after: list[int] | None = _run(self._client(), CHARGE, *args)
+        return after
 
-    async def acharge(self, plan: Plan, cost: int, tokens: int) -> list[int]:
+    async def asend(self, batch: Batch) -> list[int] | None:
         client = await shared_cache.aclient(self.backend)
-        return list(await _arun(client, CHARGE, *self._charge_args(plan, cost, tokens)))
+        after: list[int] | None = await _arun(client, CHARGE, *self._send_args(batch, 0, ""))
+        return after
 
     def set(self, key: str, value: int, *, exact: bool = True) -> int:
         args = [value, SPEND_TTL, 1 if exact else 0]
         return int(_run(self._client(), RAISE, self._keys([key]), args))
 
     def get(self, key: str) -> int | None:
-        value = self._client().get(self.backend.make_and_validate_key(key))
-        return None if value is None else int(value)
+        """A counter as this process counts it: Redis's, and what it has not sent yet."""
+        made = self.backend.make_and_validate_key(key)
+        return self._counted(made, self._client().get(made))
 
     async def aget(self, key: str) -> int | None:
         client = await shared_cache.aclient(self.backend)
-        value = await client.get(self.backend.make_and_validate_key(key))
-        return None if value is None else int(value)
+        made = self.backend.make_and_validate_key(key)
+        return self._counted(made, await client.get(made))
+
+    def _counted(self, made: str, value: Any) -> int | None:
+        return None if value is None else int(value) + self.charges.unsent([made])[0]
+
+
+Owner = tuple[APIKeyCredentials, "int | None", Counter]  # whose a spend counter is
+
+
+@dataclass
+class Batch:
+    """Charges for the Redis counters (made keys): units to spend counters, tokens to
+    minutes' counters, and whose each spend counter is (for the gauges and the warning)."""
+
+    spend: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    owners: dict[str, Owner] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.spend or self.tokens)
+
+    def add(self, other: Batch) -> None:
+        for mine, theirs in ((self.spend, other.spend), (self.tokens, other.tokens)):
+            for key, amount in theirs.items():
+                mine[key] = mine.get(key, 0) + amount
+        self.owners.update(other.owners)
+
+    def amount(self, key: str) -> int:
+        return self.spend.get(key) or self.tokens.get(key) or 0
+
+
+# After a send failed, the next try waits this long (Redis may be restarting).
+RETRY_SECONDS = 1.0
+
+
+class Charges:
+    """What this process charged to the Redis counters and has not sent yet.
+
+    Calls add their charges here (no I/O) and a thread of the process sends the sums in
+    one script: at once when it was idle, then at most every LLM_CHARGE_FLUSH_SECONDS.
+    With 0, each call sends its own charge, and only one that failed comes here. A send
+    that fails is kept and sent again, under its number, so that it counts once even if
+    the answer to the first try was lost: a charge is never dropped. Until its send is
+    answered, a charge counts in this process's admits (`unsent`).
+    """
+
+    def __init__(self, store: RedisCounters) -> None:
+        self.store = store
+        self.sender = ""  # this process's name among the senders of numbered batches
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting = Batch()
+        self._sending = Batch()  # taken by a send that was not answered yet
+        self._number = 0
+        self._pid = 0
+
+    def unsent(self, keys: list[str]) -> list[int]:
+        """What each of `keys` is owed by this process."""
+        if not (self._waiting or self._sending):
+            return [0] * len(keys)
+        with self._lock:
+            return [self._waiting.amount(k) + self._sending.amount(k) for k in keys]
+
+    def add(self, batch: Batch) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # first, or a forked worker: a sender of its own
+                # (what a parent held is the parent's to send)
+                self._pid, self._number, self.sender = os.getpid(), 0, secrets.token_hex(8)
+                self._waiting, self._sending = Batch(), Batch()
+                threading.Thread(target=self._run, name="charge-sender", daemon=True).start()
+            self._waiting.add(batch)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self.flush():
+                time.sleep(settings.LLM_CHARGE_FLUSH_SECONDS)
+            else:
+                self._wake.set()
+                time.sleep(RETRY_SECONDS)
+
+    def flush(self) -> bool:
+        """Send what a failed send kept, then what waits; False if a send failed (what
+        it held is kept for the next)."""
+        return self._send() and self._send()
+
+    def _send(self) -> bool:
+        """Send one batch: what a failed send kept, else what waits."""
+        with self._flushing:
+            with self._lock:
+                if not self._sending:
+                    if not self._waiting:
+                        return True
+                    self._sending, self._waiting = self._waiting, Batch()
+                    self._number += 1
+                batch, number = self._sending, self._number
+            try:
+                after = self.store.send(batch, number, self.sender)
+            except Exception as error:
+                shared_cache.warn(self.store.backend, error)
+                return False
+            with self._lock:
+                self._sending = Batch()
+        if after is not None:
+            _report(batch, after)
+        return True
 
 
 _shas: dict[str, str] = {}
@@ -469,6 +611,30 @@ async def _arun(client: Any, script: str, keys: list[str], args: list[Any]) -> A
 _redis: weakref.WeakKeyDictionary[RedisCache, RedisCounters] = weakref.WeakKeyDictionary()
 
 
+# One per Redis server: Django's caches are per thread, the charges are the process's.
+_ledgers: dict[str, Charges] = {}
+_ledgers_lock = threading.Lock()
+
+
+def _charges(store: RedisCounters) -> Charges:
+    with _ledgers_lock:
+        url = store.backend._servers[0]  # type: ignore[attr-defined]  # the primary
+        if url not in _ledgers:
+            _ledgers[url] = Charges(store)
+        return _ledgers[url]
+
+
+def flush() -> None:
+    """Send what this process's calls charged and has not sent yet (at exit; tests)."""
+    for charges in list(_ledgers.values()):
+        charges.flush()
+
+
+atexit.register(flush)
+# uvicorn workers never reach atexit (they end by the signal that stopped them).
+worker_stopping.connect(lambda **kwargs: flush(), weak=False)
+
+
 def counters() -> RedisCounters | LocalCounters:
     """The shared counters: Redis when the cache is Redis, else this process's."""
     backend = caches["default"]
@@ -488,7 +654,10 @@ class Admission:
     """A call let through: what `charge` counts once it ended."""
 
     plan: Plan
-    counters: RedisCounters | LocalCounters
+    counters: RedisCounters | LocalCounters  # what admitted it
+    # Redis, when the cache is Redis: it is charged even if the call was admitted by this
+    # process's counters because Redis did not answer (the spend is kept for it).
+    shared: RedisCounters | None
 
 
 def check_model(credential: APIKeyCredentials | None, model: str) -> None:
@@ -503,7 +672,7 @@ def admit(credential: APIKeyCredentials | None, user: Any, model: str) -> Admiss
     if credential is None or not credential.has_limits:
         return None
     plan = _plan(credential, user)
-    store = counters()
+    store = shared = counters()
     for _ in range(SEED_TRIES):
         try:
             verdict = store.admit(plan)
@@ -511,9 +680,10 @@ def admit(credential: APIKeyCredentials | None, user: Any, model: str) -> Admiss
             store = _unshared(error)
             continue
         if verdict.code != MISSING:
-            return _admitted(plan, store, verdict)
+            _admitted(plan, verdict)
+            break
         _seed(store, plan)
-    return Admission(plan, store)
+    return Admission(plan, store, shared if isinstance(shared, RedisCounters) else None)
 
 
 async def aadmit(credential: APIKeyCredentials | None, user: Any, model: str) -> Admission | None:
@@ -522,7 +692,7 @@ async def aadmit(credential: APIKeyCredentials | None, user: Any, model: str) ->
     if credential is None or not credential.has_limits:
         return None
     plan = _plan(credential, user)
-    store = counters()
+    store = shared = counters()
     for _ in range(SEED_TRIES):
         try:
             if isinstance(store, RedisCounters):
@@ -533,15 +703,15 @@ async def aadmit(credential: APIKeyCredentials | None, user: Any, model: str) ->
             store = _unshared(error)
             continue
         if verdict.code != MISSING:
-            return _admitted(plan, store, verdict)
+            _admitted(plan, verdict)
+            break
         await _aseed(store, plan)
-    return Admission(plan, store)
+    return Admission(plan, store, shared if isinstance(shared, RedisCounters) else None)
 
 
-def _admitted(plan: Plan, store: RedisCounters | LocalCounters, verdict: Verdict) -> Admission:
+def _admitted(plan: Plan, verdict: Verdict) -> None:
     _refuse(plan, verdict)
     _ensure_reconciler()
-    return Admission(plan, store)
 
 
 def _unshared(error: Exception) -> LocalCounters:
@@ -641,57 +811,91 @@ def charge(admission: Admission | None, cost: float | None, tokens: int) -> None
     """Count a call that ended (sync code)."""
     if admission is None:
         return
-    try:
-        spent = admission.counters.charge(admission.plan, units(cost), tokens)
-    except Exception as error:
-        _unshared(error)
-        return
-    _spent(admission.plan, spent, units(cost))
+    shared, batch = _charge_here(admission, units(cost), tokens)
+    if shared is not None and batch and _sent_now(shared, batch):
+        try:
+            after = shared.send(batch)
+        except Exception as error:
+            _kept(shared, batch, error)
+            return
+        _report(batch, after)
 
 
 async def acharge(admission: Admission | None, cost: float | None, tokens: int) -> None:
     if admission is None:
         return
-    store, plan = admission.counters, admission.plan
-    try:
-        if isinstance(store, RedisCounters):
-            spent = await store.acharge(plan, units(cost), tokens)
-        else:
-            spent = store.charge(plan, units(cost), tokens)
-    except Exception as error:
-        _unshared(error)
-        return
-    _spent(plan, spent, units(cost))
+    shared, batch = _charge_here(admission, units(cost), tokens)
+    if shared is not None and batch and _sent_now(shared, batch):
+        try:
+            after = await shared.asend(batch)
+        except Exception as error:
+            _kept(shared, batch, error)
+            return
+        _report(batch, after)
 
 
-def _spent(plan: Plan, spent: list[int], cost: int) -> None:
-    """Gauges, and the warning when a charge crossed LLM_BUDGET_WARNING_PERCENT."""
-    if not plan.spend or spent[0] < 0:
+def _charge_here(
+    admission: Admission, cost: int, tokens: int
+) -> tuple[RedisCounters | None, Batch]:
+    """Charge this process's counters if they admitted the call; the batch for Redis."""
+    plan, shared = admission.plan, admission.shared
+    if isinstance(admission.counters, LocalCounters):
+        _report_local(plan, admission.counters.charge(plan, cost, tokens), cost)
+    return shared, shared.batch(plan, cost, tokens) if shared is not None else Batch()
+
+
+def _sent_now(store: RedisCounters, batch: Batch) -> bool:
+    """Send `batch` in the call (LLM_CHARGE_FLUSH_SECONDS=0)? Else it waits its turn."""
+    if settings.LLM_CHARGE_FLUSH_SECONDS:
+        store.charges.add(batch)
+        return False
+    return True
+
+
+def _kept(store: RedisCounters, batch: Batch, error: Exception) -> None:
+    shared_cache.warn(store.backend, error)
+    store.charges.add(batch)  # sent again by the process's sender
+
+
+def _report(batch: Batch, after: list[int] | None) -> None:
+    for (key, amount), value in zip(batch.spend.items(), after or (), strict=False):
+        _counted(*batch.owners[key], value, amount)
+
+
+def _report_local(plan: Plan, after: list[int], cost: int) -> None:
+    for counter, value in zip(plan.spend, after, strict=True):
+        _counted(plan.credential, plan.user_id, counter, value, cost)
+
+
+def _counted(
+    credential: APIKeyCredentials, user_id: int | None, counter: Counter, after: int, amount: int
+) -> None:
+    """A spend counter after a charge of `amount`: the gauges, and the warning when the
+    charge crossed LLM_BUDGET_WARNING_PERCENT."""
+    _, limit, per_user = counter
+    if after < 0:
         return
-    credential = plan.credential
-    budget = credential.monthly_budget_usd
-    metrics.credential_spend(
-        credential_id=str(credential.pk),
-        spent=float(usd(spent[0])),
-        budget=None if budget is None else float(budget),
-    )
+    if not per_user:
+        budget = credential.monthly_budget_usd
+        metrics.credential_spend(
+            credential_id=str(credential.pk),
+            spent=float(usd(after)),
+            budget=None if budget is None else float(budget),
+        )
     share = settings.LLM_BUDGET_WARNING_PERCENT / 100
-    if not share or not cost:
-        return
-    for (_, limit, per_user), after in zip(plan.spend, spent, strict=True):
-        # Exactly one charge crosses the line: the one whose increment passed it.
-        if limit > 0 and after >= 0 and after - cost < limit * share <= after:
-            whose = f"user {plan.user_id} on credential" if per_user else "credential"
-            metrics.budget_warning(credential_id=str(credential.pk), per_user=per_user)
-            log.warning(
-                "Spend warning: %s %r has spent %s of its %s monthly %s (%d%%).",
-                whose,
-                credential.title,
-                dollars(usd(after)),
-                dollars(usd(limit)),
-                "cap" if per_user else "budget",
-                round(after * 100 / limit),
-            )
+    # Exactly one charge crosses the line: the one whose increment passed it.
+    if share and amount and limit > 0 and after - amount < limit * share <= after:
+        whose = f"user {user_id} on credential" if per_user else "credential"
+        metrics.budget_warning(credential_id=str(credential.pk), per_user=per_user)
+        log.warning(
+            "Spend warning: %s %r has spent %s of its %s monthly %s (%d%%).",
+            whose,
+            credential.title,
+            dollars(usd(after)),
+            dollars(usd(limit)),
+            "cap" if per_user else "budget",
+            round(after * 100 / limit),
+        )
 
 
 # ---- reconciliation ------------------------------------------------------------------

@@ -211,9 +211,12 @@ LLM_FAILOVER_API_KEY = _str("LLM_FAILOVER_API_KEY")
 LLM_BREAKER_FAILURES = max(0, int(_number("LLM_BREAKER_FAILURES", 3, integer=True)))
 LLM_BREAKER_COOLDOWN_SECONDS = _number("LLM_BREAKER_COOLDOWN_SECONDS", 30)
 LLM_BREAKER_REFRESH_SECONDS = _number("LLM_BREAKER_REFRESH_SECONDS", 1)
-# Spend control (llm.limits): how often a serving process brings the shared spend counters
-# up to the usage records (0: never; `manage.py reconcile_spend` does it by hand), and the
-# share of a budget at which a warning is logged and counted (0: no warning).
+# Spend control (llm.limits): how often a process sends the charges of its calls to the
+# Redis counters (at most; 0: each call sends its own), how often a serving process brings
+# the shared spend counters up to the usage records (0: never; `manage.py reconcile_spend`
+# does it by hand), and the share of a budget at which a warning is logged and counted
+# (0: no warning).
+LLM_CHARGE_FLUSH_SECONDS = max(0.0, _number("LLM_CHARGE_FLUSH_SECONDS", 0.1))
 LLM_SPEND_RECONCILE_SECONDS = max(0.0, _number("LLM_SPEND_RECONCILE_SECONDS", 300))
 LLM_BUDGET_WARNING_PERCENT = max(0.0, _number("LLM_BUDGET_WARNING_PERCENT", 80))
 

@@ -4,9 +4,11 @@ a cost (x-litellm-response-cost: 0.0042); spend control's counters, local or in 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import TEST_REDIS_URL
 
@@ -31,3 +33,14 @@ def counters(request: pytest.FixtureRequest, settings: Any) -> str:
         backend = {"BACKEND": "django.core.cache.backends.redis.RedisCache"}
         settings.CACHES = {"default": {**backend, "LOCATION": TEST_REDIS_URL}}
     return str(request.param)
+
+
+def forget_counters(credentials: Iterable[Any]) -> None:
+    """Delete these credentials' counters from the tests' Redis (a month's would live on
+    for 40 days)."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    for credential in credentials:
+        keys = list(client.scan_iter(f"*keyroute:*{credential.pk.hex}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()

@@ -18,7 +18,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import redis
 import time_machine
 from asgiref.sync import async_to_sync
 
@@ -26,6 +25,7 @@ from credentials.models import APIKeyCredentials
 from llm import services
 from llm.errors import BudgetExceeded, LLMError, ModelNotAllowed, RateLimited
 from tests.conftest import TEST_REDIS_URL
+from tests.llm.conftest import forget_counters
 from tests.upstream import Upstream
 
 MODEL = "gpt-test-mini"
@@ -141,12 +141,7 @@ def made() -> Iterator[list[APIKeyCredentials]]:
     """The credentials a test makes; their counters leave the shared Redis after it."""
     credentials: list[APIKeyCredentials] = []
     yield credentials
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    for credential in credentials:
-        keys = list(client.scan_iter(f"*keyroute:*{credential.pk.hex}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    client.close()
+    forget_counters(credentials)
 
 
 @pytest.mark.parametrize("kind", CASES)

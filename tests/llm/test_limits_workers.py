@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
 from django.core.cache import cache
 from django.utils import timezone
 
@@ -34,6 +34,7 @@ from tests.conftest import (
     signed_in,
     subprocess_env,
 )
+from tests.llm.conftest import forget_counters
 from tests.upstream import Upstream
 
 MODEL = "gpt-test-mini"
@@ -103,13 +104,7 @@ def make_setup(
         return Setup(upstream, credential, signed_in(alice))
 
     yield make
-    # The counters live on in the shared Redis (a month's for 40 days): not after a test.
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    for credential in made:
-        keys = list(client.scan_iter(f"*keyroute:*{credential.pk.hex}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    client.close()
+    forget_counters(made)
 
 
 def workers(start_site: Callable[..., Site], **env: str) -> list[Site]:
@@ -170,6 +165,14 @@ def spend_counter(setup: Setup) -> int | None:
     return None if value is None else int(value)
 
 
+def sent_within(seconds: float, setup: Setup, expected: int) -> None:
+    """The workers' charges reach Redis in time (the default: 0.1 s, batched)."""
+    deadline = time.monotonic() + seconds
+    while (counter := spend_counter(setup)) != expected:
+        assert time.monotonic() < deadline, f"the spend counter stays at {counter}"
+        time.sleep(0.01)
+
+
 def spend_key(setup: Setup) -> str:
     return limits.spend_key(limits.month_of(timezone.now())[0], setup.credential.pk)
 
@@ -177,17 +180,27 @@ def spend_key(setup: Setup) -> str:
 # ---- a budget -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flush", ["0", "default"])
 def test_a_budget_spent_through_one_worker_is_spent_on_every_worker(
-    redis_cache: None, make_setup: Callable[..., Setup], start_site: Callable[..., Site]
+    redis_cache: None,
+    make_setup: Callable[..., Setup],
+    start_site: Callable[..., Site],
+    flush: str,
 ) -> None:
+    """Usage records are buffered (the default flush interval), the counters are not:
+    with LLM_CHARGE_FLUSH_SECONDS=0 each call's charge is in Redis before its answer;
+    by default a worker sends its charges within 0.1 s."""
     setup = make_setup(monthly_budget_usd=BUDGET)
-    # Usage records are buffered (the default flush interval): the counters are not.
-    one, two = workers(start_site, **SHARED)
+    charges = {"LLM_CHARGE_FLUSH_SECONDS": flush} if flush != "default" else {}
+    one, two = workers(start_site, **SHARED, **charges)
 
     for site in (one, two, one, two):  # $0.00003 each: $0.00009 is still under $0.0001
         assert_answered(setup.chat(site))
     assert setup.chats == 4
-    assert spend_counter(setup) == 12_000
+    if flush == "0":
+        assert spend_counter(setup) == 12_000
+    else:
+        sent_within(1.0, setup, 12_000)
 
     for site in (one, two, two, one):
         assert_over_budget(setup.chat(site), "$0.00012")
@@ -264,8 +277,9 @@ def test_reconcile_spend_restores_a_lost_spend_counter_from_the_usage_records(
     redis_cache: None, make_setup: Callable[..., Setup], start_site: Callable[..., Site]
 ) -> None:
     setup = make_setup(monthly_budget_usd=BUDGET)
-    # Each usage record is written as its call ends: the counters can be rebuilt at once.
-    site = start_site(**SHARED, LLM_USAGE_FLUSH_SECONDS="0")
+    # Each usage record is written as its call ends, and each charge is sent in the call:
+    # the counters can be rebuilt at once, and read right after a call.
+    site = start_site(**SHARED, LLM_USAGE_FLUSH_SECONDS="0", LLM_CHARGE_FLUSH_SECONDS="0")
     for _ in range(4):
         assert_answered(setup.chat(site))
     assert_over_budget(setup.chat(site), "$0.00012")
