@@ -133,7 +133,9 @@ def cache_text() -> str:
     backend = str(config["BACKEND"]).rsplit(".", 1)[-1]
     where = config.get("LOCATION") or ""
     if "Redis" in backend:
-        return f"{backend} {where} (counters shared: admit and charge are a Lua script each)"
+        flush = settings.LLM_CHARGE_FLUSH_SECONDS
+        charges = f"charges batched every {flush:g} s" if flush else "each call sends its charge"
+        return f"{backend} {where} (counters shared: admit is a Lua script a call; {charges})"
     return f"{backend} (counters in the process's memory)"
 
 
