@@ -203,6 +203,19 @@ def _probe_summary(result: Any) -> str:
     return f"failed: {first[:117] + '...' if len(first) > 120 else first}"
 
 
+def _renamed(field: Any, names: dict[str, str]) -> Any:
+    """A fieldsets entry (a name, or a tuple of names on one line) with names replaced."""
+    if isinstance(field, tuple):
+        return tuple(names.get(f, f) for f in field)
+    return names.get(field, field)
+
+
+def _budget_in_words(budget: Decimal | None) -> str:
+    from llm import limits
+
+    return "No limit" if budget is None else limits.dollars(budget)
+
+
 @admin.register(APIKeyCredentials)
 class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
     form = CredentialForm
@@ -253,6 +266,42 @@ class APIKeyCredentialsAdmin(admin.ModelAdmin[APIKeyCredentials]):
         ("History", {"fields": ["key_display", "created_at", "updated_at", "last_used_at"]}),
         ("Usage", {"fields": ["usage"]}),
     ]
+
+    # A view-only page shows these limits in words, not as the stored values Django's
+    # read-only display would print (a JSON list, a budget with eight decimals).
+    IN_WORDS = {
+        "allowed_models": "allowed_models_in_words",
+        "monthly_budget_usd": "monthly_budget_in_words",
+        "user_monthly_budget_usd": "user_monthly_budget_in_words",
+    }
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or self.has_change_permission(request, obj):
+            return fieldsets
+        words = self.IN_WORDS
+        return [
+            (name, {**options, "fields": [_renamed(f, words) for f in options["fields"]]})
+            for name, options in fieldsets
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and not self.has_change_permission(request, obj):
+            fields += self.IN_WORDS.values()
+        return fields
+
+    @admin.display(description="allowed models")
+    def allowed_models_in_words(self, obj: APIKeyCredentials) -> str:
+        return ", ".join(obj.allowed_models) if obj.allowed_models else "Any model"
+
+    @admin.display(description="monthly budget (USD)")
+    def monthly_budget_in_words(self, obj: APIKeyCredentials) -> str:
+        return _budget_in_words(obj.monthly_budget_usd)
+
+    @admin.display(description="monthly cap per user (USD)")
+    def user_monthly_budget_in_words(self, obj: APIKeyCredentials) -> str:
+        return _budget_in_words(obj.user_monthly_budget_usd)
 
     @admin.display(description="owner", ordering="owner__username")
     def owner_display(self, obj: APIKeyCredentials) -> str:

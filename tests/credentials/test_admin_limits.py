@@ -158,8 +158,18 @@ def test_a_view_only_staff_user_reads_the_limits_without_suggestions(staff, cred
     assert response.status_code == 200
     page = text(response)
     assert "Suggest models" not in page
-    assert re.search(r"Allowed models: .*gpt-4o\*.*openai/\*", page)
+    assert "Allowed models: gpt-4o*, openai/*" in page  # not a JSON list
+    assert "Monthly budget (USD): $10.00" in page  # not 10.00000000
+    assert "Monthly cap per user (USD): No limit" in page
     assert "$0.00 of $10.00 (0%)" in page
+    assert "10.00000000" not in response.content.decode()
+
+
+def test_a_view_only_page_says_any_model_when_the_list_is_empty(staff, credential):
+    page = text(staff("view").get(change_url(credential)))
+
+    assert "Allowed models: Any model" in page
+    assert "Monthly budget (USD): No limit" in page
 
 
 def test_emptying_the_limits_removes_them(admin_client, credential_factory):
