@@ -440,7 +440,13 @@ class _Call:
 
     async def __aexit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         await usage_records.arecord(**self._finish(error))
-        await limits.acharge(self.admission, self._cost(), self._tokens())
+        await self.acharge()
+
+    async def acharge(self) -> None:
+        """Count the call against the limits now, once (a stream does so before it hands
+        over its result: a reader may send its next call as soon as it has it)."""
+        admission, self.admission = self.admission, None
+        await limits.acharge(admission, self._cost(), self._tokens())
 
     def _cost(self) -> float | None:
         return self.result.cost_usd if self.result else None
@@ -644,6 +650,7 @@ async def astream_chat(
                     with reading_answer(route):
                         piece = await anext(stream.chunks, None)
             call.result = result = routes.info(await call.apriced(answer.result()), route)
+            await call.acharge()
             yield result
             return
         raise routes.error()

@@ -24,6 +24,7 @@ from llm import limits, services, usage
 from llm.errors import BudgetExceeded, ModelNotAllowed, RateLimited
 from llm.models import ModelPrice, UsageRecord
 from tests.conftest import TEST_REDIS_URL
+from tests.llm.conftest import forget_counters
 from tests.upstream import free_port
 
 HELLO = [{"role": "user", "content": "hello there"}]  # 2 tokens in, 3 out
@@ -303,6 +304,37 @@ def test_a_users_cap_stops_that_user_only(
         "You have spent $1.00 of your $1.00 monthly cap on credential 'Shared' for "
     )
     assert chat(credential, other).text == "echo: hello there"
+
+
+def test_a_streamed_call_is_counted_before_its_reader_gets_the_result(
+    counters: str, credential_factory: Any, start_upstream: Any, user: Any
+) -> None:
+    """A reader that sends its next call as soon as it has the result (the playground
+    does, on "done") finds the streamed call already counted."""
+    upstream = start_upstream(cost="1")
+    credential = credential_factory(base_url=upstream.base_url, monthly_budget_usd=Decimal("1"))
+
+    async def next_call_on_the_result() -> BudgetExceeded | None:
+        refused = None
+        items = services.astream_chat(
+            messages=HELLO, model="gpt-test-mini", credential=credential, user=user
+        )
+        async for item in items:
+            if isinstance(item, services.ChatResult):  # the stream is still open
+                try:
+                    await services.achat(
+                        messages=HELLO, model="gpt-test-mini", credential=credential, user=user
+                    )
+                except BudgetExceeded as error:
+                    refused = error
+        return refused
+
+    refused = async_to_sync(next_call_on_the_result)()
+    forget_counters([credential])
+
+    assert refused is not None, "the next call was admitted: the stream was not counted yet"
+    assert "spent $1.00 of its $1.00 budget" in refused.message
+    assert len([r for r in upstream.requests if r.path.endswith("/chat/completions")]) == 1
 
 
 def test_a_missing_counter_is_seeded_from_the_usage_records(
