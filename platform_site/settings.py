@@ -320,6 +320,10 @@ WEB_CONCURRENCY = int(_number("WEB_CONCURRENCY", 1, integer=True))
 
 DATABASES = {"default": _database(_str("DATABASE_URL", "sqlite:///db.sqlite3"))}
 CACHES = {"default": _cache(_str("CACHE_URL", "locmemcache://"))}
+# With Redis: the most connections a worker's event loop opens to it, as it needs them.
+# 64 ran dry at 500 requests in flight (docs/performance.md); keep WEB_CONCURRENCY times
+# this under the Redis server's maxclients.
+CACHE_MAX_CONNECTIONS = max(1, int(_number("CACHE_MAX_CONNECTIONS", 256, integer=True)))
 
 # Sessions in the cache and the database, and the signed-in user from this process's
 # copies: an API request reads no database (platform_site/sessions.py, auth.py).

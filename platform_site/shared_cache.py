@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import redis.asyncio
+from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache
 from django.core.cache.backends.locmem import LocMemCache
@@ -29,10 +30,9 @@ from platform_site.loops import at_loop_end
 
 log = logging.getLogger(__name__)
 
-# Redis is on the local network: a second is long. Requests queue for a connection
-# rather than opening hundreds at once.
+# Redis is on the local network: a second is long. Beyond settings.CACHE_MAX_CONNECTIONS
+# a loop's commands wait for a connection (up to the same second) rather than open more.
 SOCKET_TIMEOUT = 1.0
-MAX_CONNECTIONS = 64
 WARN_EVERY = 60.0
 READY_KEY = "keyroute:readyz"
 
@@ -132,7 +132,7 @@ async def aclient(backend: RedisCache) -> redis.asyncio.Redis:
     if client is None:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
-            max_connections=MAX_CONNECTIONS,
+            max_connections=settings.CACHE_MAX_CONNECTIONS,
             timeout=SOCKET_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db import connection
 
 from credentials.models import APIKeyCredentials
+from tests.redis_server import RedisServer
 from tests.upstream import Upstream, free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -162,6 +163,15 @@ def private_cache(settings: Any) -> None:
             "LOCATION": f"test-{uuid.uuid4()}",
         }
     }
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port (tests/redis_server.py)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -9,14 +9,11 @@ redis-server on a free port, with its data on disk) that a test stops and starts
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +25,8 @@ from llm.errors import BudgetExceeded
 from llm.models import UsageRecord
 from tests.conftest import TEST_REDIS_URL, Site, signed_in
 from tests.llm.conftest import forget_counters
-from tests.upstream import Upstream, free_port
+from tests.redis_server import RedisServer
+from tests.upstream import Upstream
 
 HI = [{"role": "user", "content": "hi"}]
 MODEL = "gpt-test-mini"
@@ -176,55 +174,6 @@ def test_a_batch_sent_again_after_its_answer_was_lost_counts_once(
 
 
 # ---- a Redis that goes away --------------------------------------------------------------
-
-
-class RedisServer:
-    """A redis-server of the test's own on a free port, its data kept on disk across a
-    stop and a start (as a restarted production Redis with persistence)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.directory), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        eventually(self.answers, 10, "redis-server did not start")
-
-    def answers(self) -> bool:
-        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        """Save the data and stop, as `redis-cli shutdown save` does."""
-        client = redis.Redis.from_url(self.url)
-        with contextlib.suppress(redis.ConnectionError):  # it went away as asked
-            client.shutdown(save=True)
-        assert self.process is not None
-        self.process.wait(10)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture(params=[0, 0.1], ids=["in the call", "batched"])

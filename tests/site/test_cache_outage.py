@@ -3,6 +3,12 @@ database instead, and /readyz says what is wrong."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from platform_site import shared_cache
 from tests.conftest import signed_in
 from tests.upstream import free_port
 
@@ -55,3 +61,30 @@ def test_users_sign_in_and_out(start_site, django_user_model):
 
     assert out.status == 302, out.content
     assert site.request("GET", "/api/llm/credentials", headers=headers).status == 401
+
+
+# ---- the asyncio pool's size -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [3, None], ids=["CACHE_MAX_CONNECTIONS=3", "the default"])
+def test_a_burst_on_the_event_loop_opens_at_most_the_pools_connections(settings, own_redis, size):
+    """Redis counts its clients: a loop opens what a burst needs, up to the setting
+    (at 500 requests in flight the former 64 ran dry: docs/performance.md)."""
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": own_redis.url,
+        }
+    }
+    if size is not None:
+        settings.CACHE_MAX_CONNECTIONS = size
+
+    async def burst() -> tuple[list[object], int]:
+        reads = [shared_cache.aget(f"key-{n}", "none") for n in range(30)]
+        answers = await asyncio.gather(*reads)
+        return answers, await asyncio.to_thread(own_redis.clients)  # the loop's pool is open
+
+    answers, clients = async_to_sync(burst)()
+
+    assert answers == ["none"] * 30  # every read answered, none failed
+    assert clients == (3 if size == 3 else 30)
