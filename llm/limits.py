@@ -67,6 +67,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
+import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache, caches
@@ -449,11 +450,13 @@ class RedisCounters:
         client = await shared_cache.aclient(self.backend)
         return Verdict(*await _arun(client, ADMIT, *self._admit_args(plan)))
 
-    def send(self, batch: Batch, number: int = 0, sender: str = "") -> list[int] | None:
+    def send(
+        self, batch: Batch, number: int = 0, sender: str = "", client: Any = None
+    ) -> list[int] | None:
         """Add `batch` to the counters; each spend counter after. `number`: the batch's
         among `sender`'s, so that sent again it counts once (None: it was, already)."""
         args = self._send_args(batch, number, sender)
-        after: list[int] | None = _run(self._client(), CHARGE, *args)
+        after: list[int] | None = _run(client or self._client(), CHARGE, *args)
         return after
 
     async def asend(self, batch: Batch) -> list[int] | None:
@@ -529,6 +532,7 @@ class Charges:
         self._sending = Batch()  # taken by a send that was not answered yet
         self._number = 0
         self._pid = 0
+        self._client: Any = None
 
     def unsent(self, keys: list[str]) -> list[int]:
         """What each of `keys` is owed by this process."""
@@ -542,7 +546,7 @@ class Charges:
             if self._pid != os.getpid():  # first, or a forked worker: a sender of its own
                 # (what a parent held is the parent's to send)
                 self._pid, self._number, self.sender = os.getpid(), 0, secrets.token_hex(8)
-                self._waiting, self._sending = Batch(), Batch()
+                self._waiting, self._sending, self._client = Batch(), Batch(), None
                 threading.Thread(target=self._run, name="charge-sender", daemon=True).start()
             self._waiting.add(batch)
         self._wake.set()
@@ -562,6 +566,18 @@ class Charges:
         it held is kept for the next)."""
         return self._send() and self._send()
 
+    def _connection(self) -> Any:
+        """The sender's own client, with the site's Redis timeouts: Django's has none, and
+        a Redis that stopped answering (not refusing) would hold the sender, and a
+        stopping worker's last send, for good."""
+        if self._client is None:
+            url = self.store.backend._servers[0]  # type: ignore[attr-defined]
+            timeout = shared_cache.SOCKET_TIMEOUT
+            self._client = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        return self._client
+
     def _send(self) -> bool:
         """Send one batch: what a failed send kept, else what waits."""
         with self._flushing:
@@ -573,7 +589,7 @@ class Charges:
                     self._number += 1
                 batch, number = self._sending, self._number
             try:
-                after = self.store.send(batch, number, self.sender)
+                after = self.store.send(batch, number, self.sender, self._connection())
             except Exception as error:
                 shared_cache.warn(self.store.backend, error)
                 return False

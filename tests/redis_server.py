@@ -7,6 +7,7 @@ restarts Redis, or reads how many clients it has, needs one nobody else uses.
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -53,6 +54,15 @@ class RedisServer:
             client.shutdown(save=True)
         assert self.process is not None
         self.process.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

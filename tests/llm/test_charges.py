@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -243,6 +244,29 @@ def test_a_call_admitted_while_redis_was_down_is_charged_to_it_when_it_is_back(
     chat = services.chat
     assert chat(messages=HI, model=MODEL, credential=credential, user=alice).text == "echo: hi"
     own_redis.start()
+
+    charged_once_more(own_redis, credential)
+
+
+def test_a_redis_that_stops_answering_holds_the_sender_a_second_not_for_good(
+    charged_once: tuple[Upstream, Any], own_redis: RedisServer, alice: Any
+) -> None:
+    """A Redis frozen (not refusing: SIGSTOP, as a network that drops packets) times
+    the send out; its batch is kept, and once Redis answers again it counts once, even
+    though Redis may run the first try too when it wakes."""
+    _, credential = charged_once
+    own_redis.freeze()
+    try:
+        answer = async_to_sync(services.achat)(  # admitted by this process's counters
+            messages=HI, model=MODEL, credential=credential, user=alice
+        )
+        assert answer.text == "echo: hi"
+        flushing = threading.Thread(target=limits.flush)
+        flushing.start()
+        flushing.join(10)  # what a stopping worker does
+        assert not flushing.is_alive(), "the send waits for a frozen Redis"
+    finally:
+        own_redis.thaw()
 
     charged_once_more(own_redis, credential)
 
