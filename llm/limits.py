@@ -402,16 +402,29 @@ class LocalCounters:
 local = LocalCounters()
 
 
+# How many made key names a RedisCounters keeps (then it starts again).
+MADE_KEYS = 10_000
+
+
 class RedisCounters:
     """The counters in Redis (the cache's primary), through the scripts above."""
 
     def __init__(self, backend: RedisCache) -> None:
         self.backend = backend
         self._sync: Any = None
+        self._made: dict[str, str] = {}
         self.charges = _charges(self)
 
     def _keys(self, keys: list[str]) -> list[str]:
-        return [self.backend.make_and_validate_key(key) for key in keys]
+        """The cache's own name of each key, made once: a call names the same few keys
+        (validating one costs ~4 us), the minutes' tokens keys the only new ones."""
+        return [self._made.get(key) or self._make(key) for key in keys]
+
+    def _make(self, key: str) -> str:
+        if len(self._made) >= MADE_KEYS:
+            self._made.clear()
+        made = self._made[key] = self.backend.make_and_validate_key(key)
+        return made
 
     def _admit_args(self, plan: Plan) -> tuple[list[str], list[Any]]:
         counts = [len(plan.spend), len(plan.tokens), len(plan.requests)]
@@ -470,12 +483,12 @@ class RedisCounters:
 
     def get(self, key: str) -> int | None:
         """A counter as this process counts it: Redis's, and what it has not sent yet."""
-        made = self.backend.make_and_validate_key(key)
+        [made] = self._keys([key])
         return self._counted(made, self._client().get(made))
 
     async def aget(self, key: str) -> int | None:
         client = await shared_cache.aclient(self.backend)
-        made = self.backend.make_and_validate_key(key)
+        [made] = self._keys([key])
         return self._counted(made, await client.get(made))
 
     def _counted(self, made: str, value: Any) -> int | None:
@@ -522,8 +535,9 @@ class Charges:
     answered, a charge counts in this process's admits (`unsent`).
     """
 
-    def __init__(self, store: RedisCounters) -> None:
+    def __init__(self, store: RedisCounters, url: str) -> None:
         self.store = store
+        self.url = url
         self.sender = ""  # this process's name among the senders of numbered batches
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
@@ -571,10 +585,9 @@ class Charges:
         a Redis that stopped answering (not refusing) would hold the sender, and a
         stopping worker's last send, for good."""
         if self._client is None:
-            url = self.store.backend._servers[0]  # type: ignore[attr-defined]
             timeout = shared_cache.SOCKET_TIMEOUT
             self._client = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
+                self.url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
         return self._client
 
@@ -636,7 +649,7 @@ def _charges(store: RedisCounters) -> Charges:
     with _ledgers_lock:
         url = store.backend._servers[0]  # type: ignore[attr-defined]  # the primary
         if url not in _ledgers:
-            _ledgers[url] = Charges(store)
+            _ledgers[url] = Charges(store, url)
         return _ledgers[url]
 
 
